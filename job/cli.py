@@ -88,6 +88,24 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("run", metavar="RUN", help="<output>/runs/<run> or <output>/latest")
     download.add_argument("dest", metavar="DIR", help="destination (must not exist, or be empty)")
     download.set_defaults(handler=run_runs_download)
+
+    dataset = commands.add_parser("dataset", help="prepare image datasets for training",
+                                  description="Image datasets kept as files, locally or in object storage.")
+    dataset_commands = dataset.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
+    pack = dataset_commands.add_parser(
+        "pack", help="pack an image folder into sharded TFRecord files",
+        description="Pack SRC/{train,val}/<class>/*.jpg|*.jpeg|*.png into TFRecord shards of tf.train.Example "
+                    "records (image bytes as they are, label, filename) and DST/dataset.json, written last.")
+    pack.add_argument("src", metavar="SRC", help="an image folder (local or s3://bucket/prefix); class names are "
+                                                 "the folder names under SRC/train")
+    pack.add_argument("dst", metavar="DST", help="where the shards and dataset.json go (local or s3://bucket/prefix)")
+    pack.add_argument("--shards", type=int, default=16, metavar="N", help="train shards (default: %(default)s)")
+    pack.add_argument("--val-shards", type=int, metavar="N",
+                      help="val shards (default: in proportion to val's share of the images, at least 1)")
+    pack.add_argument("--seed", type=int, default=0, metavar="N",
+                      help="seed of the random order that mixes classes across shards (default: %(default)s)")
+    pack.add_argument("--overwrite", action="store_true", help="replace a dataset already packed at DST")
+    pack.set_defaults(handler=run_dataset_pack)
     return parser
 
 
@@ -177,6 +195,14 @@ def run_runs_show(args, started_at: float) -> int:
 def run_runs_download(args, started_at: float) -> int:
     from job import storage
     print(f"downloaded and verified {args.run} into {storage.download_run(args.run, args.dest)}")
+    return 0
+
+
+def run_dataset_pack(args, started_at: float) -> int:
+    from job.data import pack
+    result = pack.pack(args.src, args.dst, shards=args.shards, val_shards=args.val_shards, seed=args.seed,
+                       overwrite=args.overwrite, show_progress=sys.stderr.isatty())
+    print(result.message)
     return 0
 
 

@@ -555,6 +555,17 @@ class _LocalStore:
         with self._oserror(f"copy {self.uri(key)}"):
             shutil.copyfile(self.root / key, dest)
 
+    def move_in(self, path: str, key: str) -> None:
+        """Move a finished local file to `key` (a rename when it is on the same filesystem)."""
+        target = self.root / key
+        with self._oserror(f"move {path} to {target}"):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(path, target)
+
+    def delete(self, key: str) -> None:
+        with self._oserror(f"delete {self.uri(key)}"), contextlib.suppress(FileNotFoundError):
+            (self.root / key).unlink()
+
     def open(self, key: str) -> IO[bytes]:
         try:
             return open(self.root / key, "rb")
@@ -743,6 +754,16 @@ class _S3Store:
         self.call(f"download {self.uri(key)}",
                   lambda: self.transfer.download(self.loc.bucket, self.key(key), dest).result())
 
+    def move_in(self, path: str, key: str) -> None:
+        """Upload a finished local file to `key` (multipart, parts in parallel), then delete it."""
+        self.call(f"upload {self.uri(key)}",
+                  lambda: self.transfer.upload(path, self.loc.bucket, self.key(key)).result())
+        os.unlink(path)
+
+    def delete(self, key: str) -> None:
+        self.call(f"delete {self.uri(key)}",
+                  lambda: self.client.delete_object(Bucket=self.loc.bucket, Key=self.key(key)))
+
     def open(self, key: str) -> IO[bytes]:
         """The object in a spooled temporary file (memory up to 64 MiB), positioned at 0."""
         from botocore.exceptions import ClientError
@@ -776,6 +797,13 @@ def _store(loc: Location, *, patient: bool = False) -> Iterator[_LocalStore | _S
         yield store
     finally:
         store.close()
+
+
+def open_store(uri: str, *, patient: bool = False) -> contextlib.AbstractContextManager[_LocalStore | _S3Store]:
+    """Files under a local folder or S3 prefix, by '/'-separated key: check(create), read (None if
+    absent), write (atomic), move_in (a finished local file), delete. `patient` rides out S3 outages
+    for ALEXNET_JOB_S3_RETRY_SECONDS. For writers of other layouts than runs (`dataset pack`)."""
+    return _store(parse_location(uri), patient=patient)
 
 
 # -- the run's state ---------------------------------------------------------------------------

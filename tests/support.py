@@ -1,8 +1,11 @@
 """Paths and helpers shared by every test layer (imported as `support`)."""
 
+import concurrent.futures
+import functools
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -15,6 +18,18 @@ def run_cli(*args, env=None, cwd=None, timeout=900):
     """Run the real `alexnet-job` command line in a fresh process."""
     return subprocess.run([sys.executable, "-m", "job.cli", *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, cwd=cwd or ROOT, timeout=timeout)
+
+
+def error_line(result, *fragments):
+    """The one line a user mistake prints through the CLI (exit 2, no traceback); checks that it
+    holds every fragment and returns it."""
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("alexnet-job: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
 
 
 def write_digit_pngs(mnist_dir, folder, count=10):
@@ -47,3 +62,70 @@ def make_run_folder(root, seed=0, big=300_000):
         (root / key).parent.mkdir(parents=True, exist_ok=True)
         (root / key).write_bytes(data)
     return root
+
+
+@dataclass
+class ImageFolder:
+    """What write_image_folder made: files[split] holds (path relative to root, label), sorted,
+    as job.data.sources.list_imagefolder lists them."""
+
+    root: Path
+    class_names: list[str]
+    files: dict[str, list[tuple[str, int]]]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {split: len(files) for split, files in self.files.items()}
+
+
+IMAGE_FORMATS = ((".jpg", "JPEG"), (".png", "PNG"), (".jpeg", "JPEG"), (".png", "PNG"))  # half JPEG, half PNG
+
+
+@functools.lru_cache(maxsize=2)
+def _mnist_digits(mnist_dir: str):
+    """MNIST test images (N, 28, 28) and labels."""
+    from job.data import mnist
+    _, (images, labels), _, _ = mnist.load(mnist_dir)
+    return images[..., 0], labels
+
+
+def write_image_folder(mnist_dir, root, per_class=20, classes=10, val_per_class=5, seed=0, sizes=(40, 300)):
+    """An imagefolder dataset: root/{train,val}/<digit>/<digit>-<n>.{jpg,jpeg,png}, MNIST test digits
+    drawn in a random colour on a random background (every channel apart by 96 or more), each
+    image its own width and height in `sizes`, JPEG (.jpg and .jpeg) and PNG alternating.
+    Classes are the digits 0 .. classes-1; no MNIST image is used twice."""
+    import numpy as np
+    from PIL import Image
+
+    images, labels = _mnist_digits(str(mnist_dir))
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    names = [str(digit) for digit in range(classes)]
+    files = {"train": [], "val": []}
+    for label, name in enumerate(names):
+        chosen = rng.permutation(np.flatnonzero(labels == label))[:per_class + val_per_class]
+        for n, index in enumerate(chosen):
+            split = "train" if n < per_class else "val"
+            extension, kind = IMAGE_FORMATS[n % len(IMAGE_FORMATS)]
+            size = tuple(int(v) for v in rng.integers(sizes[0], sizes[1] + 1, 2))
+            foreground = rng.integers(0, 256, 3)
+            background = (foreground + rng.integers(96, 161, 3)) % 256
+            mask = Image.fromarray(images[index]).resize(size, Image.BILINEAR)
+            image = Image.composite(Image.new("RGB", size, tuple(map(int, foreground))),
+                                    Image.new("RGB", size, tuple(map(int, background))), mask)
+            relative = f"{split}/{name}/{name}-{n:04d}{extension}"
+            (root / relative).parent.mkdir(parents=True, exist_ok=True)
+            image.save(root / relative, kind)
+            files[split].append((relative, label))
+    return ImageFolder(root, names, {split: sorted(items) for split, items in files.items()})
+
+
+def upload_folder(client, folder, bucket, prefix=""):
+    """Every file under a local folder to s3://bucket/prefix/<relative path> (a boto3 client, e.g.
+    the test server's `client()`); returns that URI."""
+    folder = Path(folder)
+    paths = [path for path in sorted(folder.rglob("*")) if path.is_file()]
+    key = (lambda path: f"{prefix.strip('/')}/{path.relative_to(folder).as_posix()}".lstrip("/"))
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda path: client.put_object(Bucket=bucket, Key=key(path), Body=path.read_bytes()), paths))
+    return f"s3://{bucket}/{prefix.strip('/')}".rstrip("/")
