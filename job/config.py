@@ -23,7 +23,8 @@ from job.errors import ConfigError
 # live in job.models (TensorFlow); this table is here so the driver can use it without TensorFlow.
 MODEL_DEFAULTS = {"alexnet": ((224, 224, 3), 1000), "alexnet-mnist": ((28, 28, 1), 10)}
 MODELS = tuple(MODEL_DEFAULTS)
-DATASETS = ("mnist", "synthetic")
+DATASETS = ("mnist", "synthetic", "imagefolder", "tfrecord")
+BAD_IMAGES = ("skip", "fail")
 MIXED_PRECISION = ("off", "bf16", "fp16")
 LR_DECAYS = ("none", "cosine")
 ENV_PREFIX = "ALEXNET_JOB_"
@@ -43,12 +44,25 @@ class Config:
     mixed_precision: str = option("off", "GPU compute dtype: off, bf16 or fp16 (softmax and loss stay float32)")
     # data
     dataset: str = option("mnist", "dataset: " + ", ".join(DATASETS))
-    data: str | None = option(None, "dataset location: folder of IDX .gz files or mnist.npz, local or s3://; none = Keras download")
-    train_limit: int | None = option(None, "use only the first N training examples")
-    test_limit: int | None = option(None, "evaluate on only the first N test examples")
-    validation_fraction: float = option(0.1, "fraction of the training examples held out for per-epoch validation")
+    data: str | None = option(
+        None, "dataset location, local or s3://: mnist: folder of IDX .gz files or mnist.npz (none = Keras "
+              "download); imagefolder: folder of {train,val}/<class>/ images; tfrecord: folder 'dataset pack' wrote")
+    train_limit: int | None = option(None, "use only the first N training examples (mnist, synthetic)")
+    test_limit: int | None = option(None, "evaluate on only the first N test examples (mnist, synthetic)")
+    validation_fraction: float = option(
+        0.1, "fraction of the training examples held out for per-epoch validation (mnist, synthetic; "
+             "image datasets validate on val/)")
     synthetic_examples: int = option(2048, "number of training examples the synthetic dataset makes")
-    augment: bool = option(True, "the tutorial's augmentation (rotate, shift, shear, zoom) on training data")
+    augment: bool = option(
+        True, "augment training data: the tutorial's rotate/shift/shear/zoom (mnist, synthetic); "
+              "random 224 crop of the image resized to 256, and flip (image datasets)")
+    color_jitter: float = option(0.0, "image datasets: colour jitter strength from 0 (off) to 1 (brightness, "
+                                      "contrast and saturation vary by up to 0.4)")
+    bad_images: str = option("skip", "image datasets: an image that cannot be read or decoded is skipped and "
+                                     "counted (skip), or fails the run (fail)")
+    readahead: int = option(64, "image datasets: image files each worker fetches ahead of the pipeline")
+    data_cache: str | None = option(None, "image datasets on s3://: a local folder keeping a copy of every file "
+                                          "a worker read, read from there next time")
     # cluster
     workers: int = option(2, "Ray Train workers (one per node in a cluster)")
     gpus_per_worker: int = option(0, "GPUs per worker; MultiWorkerMirroredStrategy mirrors across them")
@@ -96,13 +110,24 @@ class Config:
             raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(MODELS)}")
         if self.dataset not in DATASETS:
             raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
+        if self.bad_images not in BAD_IMAGES:
+            raise ConfigError(f"bad_images must be one of {', '.join(BAD_IMAGES)}, not {self.bad_images!r}")
+        if self.dataset in ("imagefolder", "tfrecord"):
+            if not self.data:
+                raise ConfigError(f"dataset {self.dataset} needs --data: the dataset's folder, local or s3://")
+            for name in ("train_limit", "test_limit"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{name} applies to mnist and synthetic; pack a smaller "
+                                      f"{self.dataset} dataset instead")
+        if not 0 <= self.color_jitter <= 1:
+            raise ConfigError(f"color_jitter must be between 0 and 1, not {self.color_jitter}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(
                 f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, not {self.mixed_precision!r}")
         if self.lr_decay not in LR_DECAYS:
             raise ConfigError(f"lr_decay must be one of {', '.join(LR_DECAYS)}, not {self.lr_decay!r}")
         for name in ("workers", "cpus_per_worker", "epochs", "batch_size", "synthetic_examples", "keep_checkpoints",
-                     "preemption_check_steps"):
+                     "preemption_check_steps", "readahead"):
             _require_positive(name, getattr(self, name))
         for name in ("train_limit", "test_limit", "steps_per_epoch", "num_classes", "checkpoint_every_steps"):
             if getattr(self, name) is not None:

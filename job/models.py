@@ -83,10 +83,14 @@ def build(name: str, input_shape=None, num_classes=None, mixed_precision: str = 
 
 
 def compile_for_training(model, learning_rate, mixed_precision: str = "off"):
-    """Adam + sparse categorical cross-entropy, as the tutorial (labels are class indices)."""
+    """Adam + sparse categorical cross-entropy, as the tutorial (labels are class indices);
+    accuracy, and top-5 accuracy where there are more than five classes."""
     optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
     if mixed_precision == "fp16":
         # float16 gradients underflow without loss scaling; bf16 has float32's range.
         optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
-    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    metrics = ["accuracy"]
+    if model.output_shape[-1] > 5:  # ImageNet's customary second figure
+        metrics.append(keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5_accuracy"))
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=metrics)
     return model

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import socket
 import tempfile
@@ -20,8 +21,10 @@ import time
 from importlib import metadata
 
 from job import storage, tfenv
-from job.errors import ConfigError, TrainingFailed
+from job.data import InputSettings
+from job.errors import ConfigError, DataError, TrainingFailed
 
+EXCEPTION_LINE = re.compile(r"^([\w.]+(?:Error|Exception|Exit|Interrupt)): (.+)$")
 PACKAGES = ("tensorflow", "tf-keras", "ray", "numpy", "boto3", "alexnet-job")
 WORKER_ENV = {
     # Workers import TensorFlow themselves; this must be set before they do.
@@ -85,7 +88,9 @@ def run(config, splits, *, started_at: float) -> dict:
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as error:
-        # Ray has already printed the workers' tracebacks; end with the one line that matters.
+        # Ray has already printed the workers' tracebacks; end with the one line that matters,
+        # after them (shutting down stops the log lines Ray still forwards from the workers).
+        ray.shutdown()
         raise TrainingFailed(f"training failed: {_last_line(error)}") from None
     return json.loads(storage.read_bytes(storage.run_uri(config.output, config.run_name) + "/metrics.json"))
 
@@ -129,7 +134,14 @@ def free_loopback_port() -> int:
 
 
 def _last_line(error: Exception) -> str:
+    """The line of a (worker's) traceback that says what went wrong: the last `SomeError: text`
+    line, since TensorFlow appends op context (`[[node ...]]`) after it; our own errors
+    without their class name."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in reversed(lines):
+        match = EXCEPTION_LINE.match(line)
+        if match:
+            return match.group(2) if match.group(1).startswith("job.errors.") else line
     return lines[-1] if lines else type(error).__name__
 
 
@@ -166,6 +178,28 @@ def read_records(config, name: str) -> list[dict]:
         return []
 
 
+def bad_image_reporter(config, rank: int):
+    """What a worker does with an image it cannot read or decode: name it, record it beside
+    the checkpoints (the chief gathers every worker's into metrics.json), and go on, or stop
+    the run if config.bad_images says fail."""
+    def report(image: str, reason: str) -> None:
+        if config.bad_images == "fail":
+            raise DataError(f"bad image {image}: {reason} (--bad-images skip would skip it)")
+        print(f"skipped bad image {image}: {reason}", flush=True)
+        append_record(config, f"bad-images-{rank}", {"image": image, "reason": reason, "at": time.time()})
+
+    return report
+
+
+def bad_images(config) -> dict:
+    """Every bad image any worker of any attempt of this run skipped, each once."""
+    found = {}
+    for rank in range(config.workers):
+        for record in read_records(config, f"bad-images-{rank}"):
+            found.setdefault(record["image"], record["reason"])
+    return {"count": len(found), "images": [{"image": image, "reason": reason} for image, reason in sorted(found.items())]}
+
+
 def attempt_history(config) -> list[dict]:
     """Every attempt: when it started, where it resumed from, and when and why it failed."""
     attempts = read_records(config, "attempts")
@@ -197,7 +231,6 @@ def train_worker(loop_config: dict) -> None:
     for gpu in tf.config.list_physical_devices("GPU"):
         tf.config.experimental.set_memory_growth(gpu, True)  # share the GPU with the input pipeline
     from job import models
-    from job.data import pipeline
 
     # One strategy for one or many workers; each worker mirrors across its local GPUs, and
     # gradients are all-reduced with NCCL between GPUs, or ring all-reduce over gRPC on CPUs.
@@ -216,21 +249,21 @@ def train_worker(loop_config: dict) -> None:
         append_record(config, "attempts", {"started_at": time.time(), "resumed_from":
                                            {"epoch": resume["epoch"], "step": resume["step"]} if resume else None})
 
-    # Data: this worker's shard of the arrays the driver loaded and validated.
+    # Data: this worker's share of what the driver loaded (arrays) or listed (image files).
     splits = ray.get(loop_config["data"])
     input_shape = model_input_shape(config)
-    steps_per_epoch = config.steps_per_epoch or len(splits.train_labels) // config.batch_size
-    validation_steps = len(splits.val_labels) // config.batch_size
+    steps_per_epoch = config.steps_per_epoch or splits.counts["train"] // config.batch_size
+    validation_steps = splits.counts["validation"] // config.batch_size
+    settings = InputSettings(global_batch=config.batch_size, steps_per_epoch=steps_per_epoch, epochs=config.epochs,
+                             seed=config.seed, augment=config.augment, input_shape=input_shape,
+                             cpus=config.cpus_per_worker, on_bad=bad_image_reporter(config, context.get_world_rank()))
 
-    def training_data(first_epoch, last_epoch, skip_steps=0):
-        return strategy.distribute_datasets_from_function(lambda ctx: pipeline.training(
-            splits.train_images, splits.train_labels, ctx, global_batch=config.batch_size,
-            steps_per_epoch=steps_per_epoch, epochs=last_epoch, seed=config.seed, augment=config.augment,
-            input_shape=input_shape, cpus=config.cpus_per_worker, first_epoch=first_epoch, skip_steps=skip_steps))
+    def training_data(first_epoch, skip_steps=0):
+        return strategy.distribute_datasets_from_function(
+            lambda ctx: splits.training(ctx, settings, first_epoch=first_epoch, skip_steps=skip_steps))
 
-    val_data = strategy.distribute_datasets_from_function(lambda ctx: pipeline.evaluation(
-        splits.val_images, splits.val_labels, ctx, global_batch=config.batch_size,
-        input_shape=input_shape, cpus=config.cpus_per_worker)) if validation_steps else None
+    val_data = strategy.distribute_datasets_from_function(
+        lambda ctx: splits.validation(ctx, settings)) if validation_steps else None
 
     # Model and optimiser, created under the strategy so their variables are mirrored.
     with strategy.scope():
@@ -251,17 +284,17 @@ def train_worker(loop_config: dict) -> None:
     fit = dict(validation_data=val_data, validation_steps=validation_steps or None, callbacks=callbacks, verbose=0)
     epoch, step = (resume["epoch"], resume["step"]) if resume else (0, 0)
     if step:  # the rest of an epoch interrupted after a mid-epoch checkpoint
-        model.fit(training_data(epoch, epoch + 1, skip_steps=step), initial_epoch=epoch, epochs=epoch + 1,
+        model.fit(training_data(epoch, skip_steps=step), initial_epoch=epoch, epochs=epoch + 1,
                   steps_per_epoch=steps_per_epoch - step, **fit)
         epoch += 1
     if epoch < config.epochs:
-        model.fit(training_data(epoch, config.epochs), initial_epoch=epoch, epochs=config.epochs,
+        model.fit(training_data(epoch), initial_epoch=epoch, epochs=config.epochs,
                   steps_per_epoch=steps_per_epoch, **fit)
     finished_training = time.time()
 
     if is_chief:
         try:
-            write_run(staging, config, splits, model, progress, strategy.num_replicas_in_sync,
+            write_run(staging, config, splits, settings, model, progress, strategy.num_replicas_in_sync,
                       steps_per_epoch, loop_config["started_at"], finished_training)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -430,7 +463,7 @@ def format_epoch(record: dict, epochs: int) -> str:
 
 # ----------------------------------------------------------------------------- the run's artifacts
 
-def write_run(staging, config, splits, trained, progress, replicas, steps_per_epoch, started_at,
+def write_run(staging, config, splits, settings, trained, progress, replicas, steps_per_epoch, started_at,
               finished_training) -> None:
     """Evaluate on the test set and publish model, metrics, curves and config (chief only)."""
     if storage.run_state(config.output, config.run_name) == "complete":
@@ -438,8 +471,7 @@ def write_run(staging, config, splits, trained, progress, replicas, steps_per_ep
         print(f"run {config.run_name} is already published; not publishing it again", flush=True)
         return
     from job import models
-    from job.data import pipeline
-    tf, keras = tfenv.tensorflow()
+    tf, _ = tfenv.tensorflow()
 
     # A plain copy of the trained weights, outside the strategy: evaluating and saving it needs
     # no collective with the other workers, and it is exactly what users will load.
@@ -451,9 +483,9 @@ def write_run(staging, config, splits, trained, progress, replicas, steps_per_ep
     tf.saved_model.save(model, os.path.join(staging, "saved_model", "1"))  # TF Serving layout
 
     models.compile_for_training(model, config.learning_rate)
-    test = tf.data.Dataset.from_tensor_slices((splits.test_images, splits.test_labels)).batch(256)
-    test = test.map(lambda x, y: (pipeline.to_model_input(x, model_input_shape(config)), y))
-    test_loss, test_accuracy = model.evaluate(test, verbose=0)
+    test, finish_test = splits.test(settings)
+    test_metrics = model.evaluate(test, verbose=0, return_dict=True)
+    finish_test()
     with open(os.path.join(staging, "config.yaml"), "w", encoding="utf-8") as handle:
         handle.write(config.to_yaml())
     history = progress.history
@@ -463,8 +495,7 @@ def write_run(staging, config, splits, trained, progress, replicas, steps_per_ep
         "run_name": config.run_name,
         "model": config.model,
         "dataset": config.dataset,
-        "test_accuracy": float(test_accuracy),
-        "test_loss": float(test_loss),
+        **{f"test_{name}": float(value) for name, value in test_metrics.items()},
         "images_per_second": sum(r["images_per_second"] for r in trained_epochs) / len(trained_epochs),
         "wall_time_seconds": time.time() - started_at,
         "startup_seconds": progress.first_step_at - started_at,  # command start -> first step
@@ -476,7 +507,8 @@ def write_run(staging, config, splits, trained, progress, replicas, steps_per_ep
         "history": history,
         "attempts": attempt_history(config),
         "class_names": splits.class_names,
-        "data": {"location": splits.location, "fingerprint": splits.fingerprint, "counts": splits.counts},
+        "data": {"location": splits.location, "fingerprint": splits.fingerprint, "counts": splits.counts,
+                 "bad_images": bad_images(config)},
         "started_at": started_at,
         "training_finished_at": finished_training,
         "config": config.to_dict(),
@@ -486,7 +518,7 @@ def write_run(staging, config, splits, trained, progress, replicas, steps_per_ep
         json.dump(metrics, handle, indent=2)
     result = storage.publish(staging, config.output, config.run_name, promote_if_better=config.promote_if_better,
                              manifest_extra={
-                                 "metrics": {"test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"]},
+                                 "metrics": {k: v for k, v in metrics.items() if k.startswith("test_")},
                                  **{k: metrics[k] for k in ("data", "packages", "started_at", "class_names", "model")}})
     print(result.message, flush=True)
 

@@ -1,13 +1,17 @@
-"""Datasets as numpy arrays, loaded and validated by the driver before Ray starts.
+"""Datasets, loaded or listed and validated by the driver before Ray starts.
 
-This package's loaders use numpy only (TensorFlow stays out of the driver); `job.data.pipeline`
-turns the arrays into a sharded, augmented tf.data input inside each training worker.
+Small datasets (mnist, synthetic) are `Splits`: numpy arrays the driver loads and hands to the
+workers, which `job.data.pipeline` shards and augments. Image datasets kept as files
+(imagefolder, tfrecord) are `FileSplits`: only the listing travels; each worker reads its own
+files through `job.data.image_pipeline`. Both answer the same questions for the training loop
+(`training`, `validation`, `test`), and this package's driver side imports no TensorFlow.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -33,9 +37,74 @@ class Splits:
         self.counts = {"train": len(self.train_labels), "validation": len(self.val_labels),
                        "test": len(self.test_labels)}
 
+    def training(self, context, settings: InputSettings, *, first_epoch: int = 0, skip_steps: int = 0):
+        from job.data import pipeline
+        return pipeline.training(
+            self.train_images, self.train_labels, context, global_batch=settings.global_batch,
+            steps_per_epoch=settings.steps_per_epoch, epochs=settings.epochs, seed=settings.seed,
+            augment=settings.augment, input_shape=settings.input_shape, cpus=settings.cpus,
+            first_epoch=first_epoch, skip_steps=skip_steps)
 
-def load(config) -> Splits:
+    def validation(self, context, settings: InputSettings):
+        from job.data import pipeline
+        return pipeline.evaluation(self.val_images, self.val_labels, context, global_batch=settings.global_batch,
+                                   input_shape=settings.input_shape, cpus=settings.cpus)
+
+    def test(self, settings: InputSettings):
+        """(the test set once, in batches, for one process; a callable to run after reading it)."""
+        from job.data import pipeline
+        dataset = pipeline.tf.data.Dataset.from_tensor_slices((self.test_images, self.test_labels)).batch(256)
+        return dataset.map(lambda x, y: (pipeline.to_model_input(x, settings.input_shape), y)), lambda: None
+
+
+@dataclass
+class FileSplits:
+    """An image dataset kept as files (see job.data.sources), and how the workers read it."""
+
+    dataset: object  # sources.FileDataset
+    readahead: int
+    cache_dir: str | None
+    color_jitter: float
+    class_names: list[str]
+    location: str
+    fingerprint: str
+    counts: dict
+
+    def training(self, context, settings: InputSettings, *, first_epoch: int = 0, skip_steps: int = 0):
+        from job.data import image_pipeline
+        return image_pipeline.training(self, context, settings, first_epoch=first_epoch, skip_steps=skip_steps)
+
+    def validation(self, context, settings: InputSettings):
+        from job.data import image_pipeline
+        return image_pipeline.evaluation(self, context, settings)
+
+    def test(self, settings: InputSettings):
+        from job.data import image_pipeline
+        dataset, bad_images = image_pipeline.test(self, settings)
+        return dataset, bad_images.finish
+
+
+@dataclass
+class InputSettings:
+    """What a worker's input pipeline needs from the run's config."""
+
+    global_batch: int
+    steps_per_epoch: int
+    epochs: int
+    seed: int
+    augment: bool
+    input_shape: tuple
+    cpus: int
+    on_bad: Callable[[str, str], None]  # (image, reason): report it, or raise to fail the run
+
+
+FILE_DATASETS = ("imagefolder", "tfrecord")
+
+
+def load(config) -> Splits | FileSplits:
     """The dataset named by `config.dataset`, limited and split as the config says."""
+    if config.dataset in FILE_DATASETS:
+        return _list_files(config)
     if config.dataset == "mnist":
         from job.data import mnist
         (train_x, train_y), (test_x, test_y), location, fingerprint = mnist.load(config.data)
@@ -57,7 +126,21 @@ def load(config) -> Splits:
     return splits
 
 
-def _check_sizes(splits: Splits, config) -> None:
+def _list_files(config) -> FileSplits:
+    from job.data import sources
+    listed = (sources.list_tfrecord if config.dataset == "tfrecord" else sources.list_imagefolder)(config.data)
+    counts = {"train": listed.counts["train"], "validation": listed.counts["val"], "test": listed.counts["val"]}
+    splits = FileSplits(listed, config.readahead, config.data_cache, config.color_jitter, listed.class_names,
+                        config.data, listed.fingerprint, counts)
+    _check_sizes(splits, config)
+    shards = len(listed.files["train"])
+    if listed.layout == "tfrecord" and shards < config.workers:
+        raise DataError(f"{config.data} has {shards} training shards for {config.workers} workers, and each "
+                        "worker reads whole shards; pack it with --shards of at least the number of workers")
+    return splits
+
+
+def _check_sizes(splits: Splits | FileSplits, config) -> None:
     batch = config.batch_size
     if splits.counts["train"] < batch:
         raise DataError(f"only {splits.counts['train']} training examples for a global batch of {batch}; "

@@ -61,7 +61,7 @@ def training(images, labels, context, *, global_batch: int, steps_per_epoch: int
         return batch, tf.gather(labels, batch_indices)
 
     dataset = dataset.map(load_batch, num_parallel_calls=tf.data.AUTOTUNE)
-    return _finish(dataset, cpus)
+    return finish(dataset, cpus)
 
 
 def evaluation(images, labels, context, *, global_batch: int, input_shape, cpus: int):
@@ -74,10 +74,10 @@ def evaluation(images, labels, context, *, global_batch: int, input_shape, cpus:
     dataset = dataset.batch(per_replica, drop_remainder=True)
     dataset = dataset.map(lambda x, y: (to_model_input(x, input_shape), y),
                           num_parallel_calls=tf.data.AUTOTUNE).cache().repeat()
-    return _finish(dataset, cpus)
+    return finish(dataset, cpus)
 
 
-def _finish(dataset, cpus: int):
+def finish(dataset, cpus: int):
     options = tf.data.Options()
     # Sharding is done above; Keras must not shard (or rebatch) a second time.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
