@@ -21,6 +21,7 @@ from importlib import metadata
 
 from job import storage, tfenv
 from job.errors import ConfigError, TrainingFailed
+from job.watchdog import StepWatchdog
 
 PACKAGES = ("tensorflow", "tf-keras", "ray", "numpy", "boto3", "alexnet-job")
 WORKER_ENV = {
@@ -146,15 +147,19 @@ def failure_recorder(config):
 
 
 # Each attempt of a run (a worker-group restart, or the same command run again) appends a line
-# to attempts.jsonl when it starts, and the controller one to failures.jsonl when it fails;
-# both live beside Ray's checkpoints in <output>/checkpoints/<run>/.
+# to attempts.jsonl when it starts, and the controller one to failures.jsonl when it fails (a
+# step watchdog adds its own first); both live beside Ray's checkpoints in <output>/checkpoints/<run>/.
 
 def append_record(config, name: str, entry: dict) -> None:
     filesystem, path = storage.arrow_filesystem(f"{storage.checkpoints_uri(config.output)}/{config.run_name}/{name}.jsonl")
     previous = b"".join(json.dumps(record).encode() + b"\n" for record in read_records(config, name))
     filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with filesystem.open_output_stream(path) as out:  # object stores cannot append: rewrite
+    # Object stores cannot append: rewrite. Through a file of its own and a rename, so that two
+    # writers at once (two workers' watchdogs) leave one whole file, never a mix of both.
+    temporary = f"{path}.{socket.gethostname()}-{os.getpid()}"
+    with filesystem.open_output_stream(temporary) as out:
         out.write(previous + json.dumps(entry).encode() + b"\n")
+    filesystem.move(temporary, path)
 
 
 def read_records(config, name: str) -> list[dict]:
@@ -171,8 +176,9 @@ def attempt_history(config) -> list[dict]:
     attempts = read_records(config, "attempts")
     for failure in read_records(config, "failures"):
         failed = [a for a in attempts if a["started_at"] <= failure["failed_at"]]
-        if failed:
-            failed[-1].update(failure)
+        if failed:  # one attempt may have several reasons (the watchdog's, then Ray's): keep all
+            reasons = [reason for reason in (failed[-1].get("error"), failure["error"]) if reason]
+            failed[-1].update(failure, error="; ".join(reasons))
     for attempt in attempts[:-1]:
         attempt.setdefault("error", "stopped without a recorded failure (driver or cluster gone)")
     return attempts
@@ -201,13 +207,17 @@ def train_worker(loop_config: dict) -> None:
 
     # One strategy for one or many workers; each worker mirrors across its local GPUs, and
     # gradients are all-reduced with NCCL between GPUs, or ring all-reduce over gRPC on CPUs.
-    # A collective that waits longer than the timeout for a dead peer fails the step, so Ray
-    # restarts the group instead of hanging.
+    # No collective timeout: TensorFlow would hold a thread per all-reduce for its whole length
+    # (4,000+ per worker at 600 s, measured). A stuck peer is the step watchdog's, below.
     implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL
                       if config.gpus_per_worker else tf.distribute.experimental.CommunicationImplementation.RING)
     strategy = tf.distribute.MultiWorkerMirroredStrategy(
-        communication_options=tf.distribute.experimental.CommunicationOptions(
-            implementation=implementation, timeout_seconds=config.collective_timeout))
+        communication_options=tf.distribute.experimental.CommunicationOptions(implementation=implementation))
+    # A peer that is alive but stuck holds every worker in an all-reduce; TensorFlow's heartbeats
+    # only catch one that is dead or frozen whole. A worker whose steps stop finishing for
+    # step_timeout ends its own process and Ray restarts the group from the last checkpoint.
+    watchdog = StepWatchdog(config.step_timeout, on_expiry=lambda line: append_record(
+        config, "failures", {"failed_at": time.time(), "error": f"rank {context.get_world_rank()}: {line}"}))
     tf.keras.utils.set_random_seed(config.seed)  # same initial weights on every worker
 
     # Where the last attempt stopped: a checkpoint of a previous attempt of this run, if any.
@@ -243,7 +253,7 @@ def train_worker(loop_config: dict) -> None:
 
     # Train from where the run stands; a callback reports and checkpoints to Ray Train.
     staging = tempfile.mkdtemp(prefix=f"{config.run_name}-")
-    progress = EpochReporter(config, steps_per_epoch, loop_config["started_at"], is_chief, resume)
+    progress = EpochReporter(config, steps_per_epoch, loop_config["started_at"], is_chief, resume, watchdog)
     callbacks = [progress]
     if is_chief:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(staging, "tensorboard"),
@@ -251,12 +261,14 @@ def train_worker(loop_config: dict) -> None:
     fit = dict(validation_data=val_data, validation_steps=validation_steps or None, callbacks=callbacks, verbose=0)
     epoch, step = (resume["epoch"], resume["step"]) if resume else (0, 0)
     if step:  # the rest of an epoch interrupted after a mid-epoch checkpoint
-        model.fit(training_data(epoch, epoch + 1, skip_steps=step), initial_epoch=epoch, epochs=epoch + 1,
-                  steps_per_epoch=steps_per_epoch - step, **fit)
+        with watchdog:  # timed from its first step until fit returns (or fails: that is Ray's to handle)
+            model.fit(training_data(epoch, epoch + 1, skip_steps=step), initial_epoch=epoch, epochs=epoch + 1,
+                      steps_per_epoch=steps_per_epoch - step, **fit)
         epoch += 1
     if epoch < config.epochs:
-        model.fit(training_data(epoch, config.epochs), initial_epoch=epoch, epochs=config.epochs,
-                  steps_per_epoch=steps_per_epoch, **fit)
+        with watchdog:
+            model.fit(training_data(epoch, config.epochs), initial_epoch=epoch, epochs=config.epochs,
+                      steps_per_epoch=steps_per_epoch, **fit)
     finished_training = time.time()
 
     if is_chief:
@@ -348,15 +360,17 @@ class EpochReporter(tfenv.tensorflow()[1].callbacks.Callback):
     """Times each epoch's steps, reports it to Ray Train with a checkpoint, prints on the chief.
 
     Every worker calls ray.train.report equally often (Ray's rule); only the chief attaches the
-    checkpoint. With checkpoint_every_steps, mid-epoch checkpoints are reported too.
+    checkpoint. With checkpoint_every_steps, mid-epoch checkpoints are reported too. Every
+    finished training or validation batch, and every report, feeds the step watchdog.
     """
 
-    def __init__(self, config, steps_per_epoch, started_at, is_chief, resume):
+    def __init__(self, config, steps_per_epoch, started_at, is_chief, resume, watchdog):
         super().__init__()
         # Take Keras' logs as tensors: with batch hooks, numpy logs would cost a device sync on
         # every step. They are read (as floats) at epoch ends only.
         self._supports_tf_logs = True
         self.config, self.steps, self.started_at, self.is_chief = config, steps_per_epoch, started_at, is_chief
+        self.watchdog = watchdog
         self.history: list[dict] = list(resume["history"]) if resume else []
         self.first_step_at = None
         self.skipped = resume["step"] if resume else 0  # steps of the first epoch done before
@@ -366,7 +380,11 @@ class EpochReporter(tfenv.tensorflow()[1].callbacks.Callback):
         if self.first_step_at is None:
             self.first_step_at = time.time()
 
+    def on_test_batch_end(self, batch, logs=None):
+        self.watchdog.beat()
+
     def on_train_batch_end(self, batch, logs=None):
+        self.watchdog.beat()
         every, step = self.config.checkpoint_every_steps, self.skipped + batch + 1
         if step >= self.steps:
             return  # the epoch's own checkpoint follows
@@ -413,7 +431,9 @@ class EpochReporter(tfenv.tensorflow()[1].callbacks.Callback):
         checkpoint = None
         if self.is_chief:
             checkpoint = save_checkpoint(self.model, {"epoch": epoch, "step": step, "history": self.history})
-        ray.train.report(metrics, checkpoint=checkpoint)
+        self.watchdog.beat()
+        ray.train.report(metrics, checkpoint=checkpoint)  # waits for every worker and the upload
+        self.watchdog.beat()
         if checkpoint is not None:
             shutil.rmtree(checkpoint.path, ignore_errors=True)  # Ray has persisted its copy
 

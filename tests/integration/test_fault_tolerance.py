@@ -2,7 +2,8 @@
 
 Real processes, killed for real: SIGKILL to one Ray Train worker mid-epoch, and SIGKILL to
 the driver's whole process tree (a node gone) followed by the same command again, which is
-what a RayJob retry does. Checkpoints of the second live on the SeaweedFS server.
+what a RayJob retry does. Checkpoints of the second live on the SeaweedFS server. A worker
+stuck for real (its compute threads stopped) meets the step watchdog.
 """
 
 import json
@@ -15,6 +16,7 @@ import time
 import psutil
 import pytest
 
+from freeze import frozen_threads
 from support import ROOT, run_cli, write_digit_pngs
 
 pytestmark = pytest.mark.integration
@@ -65,6 +67,14 @@ def finish(process, log_path, timeout=900):
     assert code == 0, open(log_path).read()[-4000:]
 
 
+def ended(process):
+    """True once a psutil.Process has exited (a zombie has: only its exit status is left)."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 @pytest.fixture(scope="module")
 def reference(mnist_dir, tmp_path_factory):
     """The same run, never interrupted: what the interrupted ones should end close to."""
@@ -109,6 +119,30 @@ def test_mid_epoch_checkpoints_bound_the_work_lost(mnist_dir, tmp_path):
     assert resumed["epoch"] == 0 and resumed["step"] in (20, 40, 60, 80), resumed  # inside epoch 1
     assert [r["epoch"] for r in metrics["history"]] == [1, 2]
     assert metrics["test_accuracy"] > 0.85
+
+
+def test_a_worker_stuck_alive_is_ended_by_the_step_watchdog_and_the_group_restarts(mnist_dir, tmp_path):
+    """A hung GPU, for real: one worker's compute threads stop while its heartbeats and Ray's
+    health checks still answer, so without the watchdog every all-reduce waits forever."""
+    log = tmp_path / "train.log"
+    args = train_args(mnist_dir, tmp_path, "stuck") + ["--epochs", "1", "--checkpoint-every-steps", "10",
+                                                       "--step-timeout", "20"]
+    process = start(args, log)
+    state = tmp_path / "checkpoints" / "stuck"
+    wait_for(lambda: (latest_checkpoint(local_snapshot(state)) or {}).get("step"), 600, "a mid-epoch checkpoint")
+    stuck = training_workers(process)[1]
+    with frozen_threads(stuck.pid, "tf_Compute"):
+        finish(process, log, timeout=420)
+        assert ended(stuck), "the stuck worker outlived the run"
+
+    metrics = json.loads((tmp_path / "runs" / "stuck" / "metrics.json").read_text())
+    attempts = metrics["attempts"]
+    assert len(attempts) == 2, attempts
+    assert "no training step finished for 20 s: a peer is silent or stuck" in attempts[0]["error"], attempts[0]
+    assert attempts[1]["resumed_from"]["epoch"] == 0 and attempts[1]["resumed_from"]["step"] >= 10, attempts[1]
+    assert "error" not in attempts[1]
+    assert ("no training step finished for 20 s: a peer is silent or stuck; failing this worker so Ray "
+            "restarts the group from the last checkpoint") in log.read_text()
 
 
 def test_a_killed_driver_resumes_from_s3_when_run_again_and_publishes_once(
