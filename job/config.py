@@ -72,6 +72,8 @@ class Config:
     step_timeout: float | None = option(
         600.0, "a worker that finishes no step for this many seconds (a peer alive but stuck) exits, and Ray "
                "restarts the group from the last checkpoint; null (YAML) = never")
+    deadline_seconds: float | None = option(
+        None, "once the command has run this many seconds, stop training, keep the last checkpoint and exit 1")
     # output
     output: str = option(".", "where runs are written: a local folder or s3://bucket/prefix")
     run_name: str | None = option(None, "the run's name (default: <model>-<UTC time>); a fixed name resumes")
@@ -104,7 +106,7 @@ class Config:
                      "preemption_check_steps"):
             _require_positive(name, getattr(self, name))
         for name in ("train_limit", "test_limit", "steps_per_epoch", "num_classes", "checkpoint_every_steps",
-                     "step_timeout"):
+                     "step_timeout", "deadline_seconds"):
             if getattr(self, name) is not None:
                 _require_positive(name, getattr(self, name))
         if self.gpus_per_worker < 0:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import math
 import os
 import platform
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from importlib import metadata
 
@@ -61,7 +63,7 @@ def run(config, splits, *, started_at: float) -> dict:
     from ray.train.tensorflow import TensorflowTrainer
 
     checkpoints_fs, checkpoints_path = storage.arrow_filesystem(storage.checkpoints_uri(config.output))
-    trainer = TensorflowTrainer(
+    trainer = abortable(TensorflowTrainer)(
         train_loop_per_worker=train_worker,
         train_loop_config={
             "config": config.to_dict(),
@@ -83,12 +85,84 @@ def run(config, splits, *, started_at: float) -> dict:
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
         ),
     )
+    # The deadline: past it, the workers are stopped and the run's checkpoints stay for the next
+    # attempt, unless training is over and only the publishing is left.
+    run_checkpoints = f"{checkpoints_path}/{config.run_name}"
+
+    def at_deadline():
+        reached = last_checkpoint(checkpoints_fs, run_checkpoints)
+        if not reached or reached["epoch"] < config.epochs:
+            trainer.abort()
+
+    deadline = None
+    if config.deadline_seconds:
+        deadline = threading.Timer(max(0.0, started_at + config.deadline_seconds - time.time()), at_deadline)
+        deadline.daemon = True
+        deadline.start()
     try:
         trainer.fit()
-    except ray.train.TrainingFailedError as error:
+    except (ray.train.TrainingFailedError, ray.exceptions.RayActorError) as error:
+        if trainer.aborted:  # the deadline; the controller has shut the workers down and exited
+            message = deadline_reached(config, last_checkpoint(checkpoints_fs, run_checkpoints))
+            append_record(config, "failures", {"failed_at": time.time(), "error": message})
+            raise TrainingFailed(message) from None
+        if not isinstance(error, ray.train.TrainingFailedError):
+            raise
         # Ray has already printed the workers' tracebacks; end with the one line that matters.
         raise TrainingFailed(f"training failed: {_last_line(error)}") from None
+    finally:
+        if deadline:
+            deadline.cancel()
     return json.loads(storage.read_bytes(storage.run_uri(config.output, config.run_name) + "/metrics.json"))
+
+
+def abortable(trainer_class):
+    """`trainer_class` plus abort(), which ends its run from another thread of the driver."""
+    import ray
+
+    class AbortableTrainer(trainer_class):
+        controller, aborted = None, False
+
+        def _register_sigint_handler(self, controller):
+            # fit() shows the driver its Train controller only here, for Ray's own Ctrl-C abort
+            # (fit runs on the main thread); abort() makes the same call.
+            super()._register_sigint_handler(controller)
+            self.controller = controller
+            if self.aborted:  # asked before the controller existed
+                self.abort()
+
+        def abort(self):
+            self.aborted = True
+            if self.controller is not None:
+                try:  # the controller stops the worker group (their processes end), then itself
+                    ray.get(self.controller.abort.remote())
+                except ray.exceptions.RayActorError:
+                    pass  # it exits as it aborts
+
+    return AbortableTrainer
+
+
+def last_checkpoint(filesystem, run_path: str) -> dict | None:
+    """{"epoch", "step"} of the newest checkpoint Ray Train has registered for a run, or None."""
+    from ray.train import Result
+    ray_train_log = logging.getLogger("ray.train")
+    level = ray_train_log.level
+    ray_train_log.setLevel(logging.WARNING)  # not "A run snapshot was found..." (3 lines) here
+    try:
+        metrics = Result.from_path(run_path, storage_filesystem=filesystem).metrics
+    except RuntimeError:  # no run folder or no checkpoint yet
+        return None
+    finally:
+        ray_train_log.setLevel(level)
+    return {"epoch": metrics["epoch"], "step": metrics.get("step", 0)} if metrics else None
+
+
+def deadline_reached(config, reached: dict | None) -> str:
+    if reached is None:
+        return (f"deadline of {config.deadline_seconds:g} s reached before the first checkpoint; "
+                "run the same command again to start over")
+    return (f"deadline of {config.deadline_seconds:g} s reached at epoch {min(reached['epoch'] + 1, config.epochs)}; "
+            "the last checkpoint is kept; run the same command again to resume")
 
 
 def _connect(ray, config) -> None:

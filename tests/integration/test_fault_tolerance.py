@@ -3,11 +3,13 @@
 Real processes, killed for real: SIGKILL to one Ray Train worker mid-epoch, and SIGKILL to
 the driver's whole process tree (a node gone) followed by the same command again, which is
 what a RayJob retry does. Checkpoints of the second live on the SeaweedFS server. A worker
-stuck for real (its compute threads stopped) meets the step watchdog.
+stuck for real (its compute threads stopped) meets the step watchdog; a deadline stops a run
+that the same command then resumes.
 """
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,13 +60,13 @@ def training_workers(process):
     return [p for p in psutil.Process(process.pid).children(recursive=True) if p.name().startswith("ray::RayTrainWorker")]
 
 
-def finish(process, log_path, timeout=900):
+def finish(process, log_path, timeout=900, expect=0):
     try:
         code = process.wait(timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         raise
-    assert code == 0, open(log_path).read()[-4000:]
+    assert code == expect, open(log_path).read()[-4000:]
 
 
 def ended(process):
@@ -143,6 +145,45 @@ def test_a_worker_stuck_alive_is_ended_by_the_step_watchdog_and_the_group_restar
     assert "error" not in attempts[1]
     assert ("no training step finished for 20 s: a peer is silent or stuck; failing this worker so Ray "
             "restarts the group from the last checkpoint") in log.read_text()
+
+
+def test_a_deadline_stops_the_run_keeps_its_checkpoint_and_the_same_command_resumes(mnist_dir, tmp_path):
+    log = tmp_path / "train.log"
+    # About 90 s of training after about 60 s of start-up; the deadline falls inside it even
+    # when start-up takes 20 s or 100 s.
+    args = train_args(mnist_dir, tmp_path, "deadline") + ["--epochs", "8", "--checkpoint-every-steps", "20"]
+    process = start(args + ["--deadline-seconds", "110"], log)
+    wait_for(lambda: latest_checkpoint(local_snapshot(tmp_path / "checkpoints" / "deadline")), 110,
+             "a checkpoint before the deadline")
+    workers = training_workers(process)
+    session = process.pid
+    finish(process, log, timeout=300, expect=1)
+
+    output = log.read_text()
+    stopped = re.findall(r"^alexnet-job: deadline of 110 s reached at epoch (\d+); the last checkpoint is kept; "
+                         r"run the same command again to resume$", output, re.M)
+    assert len(stopped) == 1, output[-3000:]
+    assert not re.search(r"^Traceback", output, re.M), output[-3000:]  # Ray's actors may log theirs, prefixed
+    assert not (tmp_path / "runs" / "deadline" / "manifest.json").exists() and not (tmp_path / "latest.json").exists()
+    wait_for(lambda: all(ended(worker) for worker in workers), 30, "the training workers to end")
+    wait_for(lambda: not [p for p in psutil.process_iter() if _session(p) == session], 30,
+             "every process the command started to end")
+
+    finish(start(args, tmp_path / "again.log"), tmp_path / "again.log")
+    metrics = json.loads((tmp_path / "runs" / "deadline" / "metrics.json").read_text())
+    attempts = metrics["attempts"]
+    assert len(attempts) == 2 and attempts[0]["error"].startswith("deadline of 110 s reached"), attempts
+    resumed = attempts[1]["resumed_from"]
+    assert resumed is not None and resumed["epoch"] + 1 == int(stopped[0]), (resumed, stopped)
+    assert [r["epoch"] for r in metrics["history"]] == list(range(1, 9))
+    assert json.loads((tmp_path / "latest.json").read_text())["run"] == "deadline"
+
+
+def _session(process):
+    try:
+        return os.getsid(process.pid)
+    except OSError:
+        return None
 
 
 def test_a_killed_driver_resumes_from_s3_when_run_again_and_publishes_once(
