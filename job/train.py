@@ -561,7 +561,8 @@ def write_run(staging, config, splits, trained, progress, replicas, steps_per_ep
         "test_loss": float(test_loss),
         "images_per_second": sum(r["images_per_second"] for r in trained_epochs) / len(trained_epochs),
         "wall_time_seconds": time.time() - started_at,
-        "startup_seconds": progress.first_step_at - started_at,  # command start -> first step
+        # command start -> first step; none when this attempt resumed after the last epoch
+        "startup_seconds": progress.first_step_at - started_at if progress.first_step_at else None,
         "workers": config.workers,
         "replicas": replicas,
         "global_batch": config.batch_size,
