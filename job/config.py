@@ -83,10 +83,11 @@ class Config:
     checkpoint_every_steps: int | None = option(None, "also checkpoint every N steps within an epoch")
     preemption_check_steps: int = option(
         25, "every N steps all workers ask Ray whether a node is being drained, to checkpoint before it goes")
-    # Off by default: TensorFlow keeps a timer thread alive for every all-reduce until its
-    # timeout ends, so 600 s at ~6 steps/s meant 4,000+ threads per worker (measured).
-    collective_timeout: float | None = option(
-        None, "seconds an all-reduce may wait for a silent peer before the step fails (each costs a thread that long)")
+    step_timeout: float | None = option(
+        600.0, "a worker that finishes no step for this many seconds (a peer alive but stuck) exits, and Ray "
+               "restarts the group from the last checkpoint; null (YAML) = never")
+    deadline_seconds: float | None = option(
+        None, "once the command has run this many seconds, stop training, keep the last checkpoint and exit 1")
     # output
     output: str = option(".", "where runs are written: a local folder or s3://bucket/prefix")
     run_name: str | None = option(None, "the run's name (default: <model>-<UTC time>); a fixed name resumes")
@@ -129,15 +130,14 @@ class Config:
         for name in ("workers", "cpus_per_worker", "epochs", "batch_size", "synthetic_examples", "keep_checkpoints",
                      "preemption_check_steps", "readahead"):
             _require_positive(name, getattr(self, name))
-        for name in ("train_limit", "test_limit", "steps_per_epoch", "num_classes", "checkpoint_every_steps"):
+        for name in ("train_limit", "test_limit", "steps_per_epoch", "num_classes", "checkpoint_every_steps",
+                     "step_timeout", "deadline_seconds"):
             if getattr(self, name) is not None:
                 _require_positive(name, getattr(self, name))
         if self.gpus_per_worker < 0:
             raise ConfigError(f"gpus_per_worker must be 0 or more, not {self.gpus_per_worker}")
         if self.max_failures < -1:
             raise ConfigError(f"max_failures must be -1 (unlimited) or more, not {self.max_failures}")
-        if self.collective_timeout is not None and self.collective_timeout <= 0:
-            raise ConfigError(f"collective_timeout must be positive, not {self.collective_timeout}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, not {self.learning_rate}")
         if self.warmup_epochs < 0:
@@ -165,7 +165,7 @@ class Config:
         return self
 
 
-def _require_positive(name: str, value: int) -> None:
+def _require_positive(name: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{name} must be a positive number, not {value}")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import math
 import os
 import platform
@@ -17,12 +18,14 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from importlib import metadata
 
 from job import storage, tfenv
 from job.data import InputSettings
 from job.errors import ConfigError, DataError, TrainingFailed
+from job.watchdog import StepWatchdog
 
 EXCEPTION_LINE = re.compile(r"^([\w.]+(?:Error|Exception|Exit|Interrupt)): (.+)$")
 PACKAGES = ("tensorflow", "tf-keras", "ray", "numpy", "boto3", "alexnet-job")
@@ -63,7 +66,7 @@ def run(config, splits, *, started_at: float) -> dict:
     from ray.train.tensorflow import TensorflowTrainer
 
     checkpoints_fs, checkpoints_path = storage.arrow_filesystem(storage.checkpoints_uri(config.output))
-    trainer = TensorflowTrainer(
+    trainer = abortable(TensorflowTrainer)(
         train_loop_per_worker=train_worker,
         train_loop_config={
             "config": config.to_dict(),
@@ -85,14 +88,86 @@ def run(config, splits, *, started_at: float) -> dict:
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
         ),
     )
+    # The deadline: past it, the workers are stopped and the run's checkpoints stay for the next
+    # attempt, unless training is over and only the publishing is left.
+    run_checkpoints = f"{checkpoints_path}/{config.run_name}"
+
+    def at_deadline():
+        reached = last_checkpoint(checkpoints_fs, run_checkpoints)
+        if not reached or reached["epoch"] < config.epochs:
+            trainer.abort()
+
+    deadline = None
+    if config.deadline_seconds:
+        deadline = threading.Timer(max(0.0, started_at + config.deadline_seconds - time.time()), at_deadline)
+        deadline.daemon = True
+        deadline.start()
     try:
         trainer.fit()
-    except ray.train.TrainingFailedError as error:
+    except (ray.train.TrainingFailedError, ray.exceptions.RayActorError) as error:
         # Ray has already printed the workers' tracebacks; end with the one line that matters,
         # after them (shutting down stops the log lines Ray still forwards from the workers).
         ray.shutdown()
+        if trainer.aborted:  # the deadline; the controller has shut the workers down and exited
+            message = deadline_reached(config, last_checkpoint(checkpoints_fs, run_checkpoints))
+            append_record(config, "failures", {"failed_at": time.time(), "error": message})
+            raise TrainingFailed(message) from None
+        if not isinstance(error, ray.train.TrainingFailedError):
+            raise
         raise TrainingFailed(f"training failed: {_last_line(error)}") from None
+    finally:
+        if deadline:
+            deadline.cancel()
     return json.loads(storage.read_bytes(storage.run_uri(config.output, config.run_name) + "/metrics.json"))
+
+
+def abortable(trainer_class):
+    """`trainer_class` plus abort(), which ends its run from another thread of the driver."""
+    import ray
+
+    class AbortableTrainer(trainer_class):
+        controller, aborted = None, False
+
+        def _register_sigint_handler(self, controller):
+            # fit() shows the driver its Train controller only here, for Ray's own Ctrl-C abort
+            # (fit runs on the main thread); abort() makes the same call.
+            super()._register_sigint_handler(controller)
+            self.controller = controller
+            if self.aborted:  # asked before the controller existed
+                self.abort()
+
+        def abort(self):
+            self.aborted = True
+            if self.controller is not None:
+                try:  # the controller stops the worker group (their processes end), then itself
+                    ray.get(self.controller.abort.remote())
+                except ray.exceptions.RayActorError:
+                    pass  # it exits as it aborts
+
+    return AbortableTrainer
+
+
+def last_checkpoint(filesystem, run_path: str) -> dict | None:
+    """{"epoch", "step"} of the newest checkpoint Ray Train has registered for a run, or None."""
+    from ray.train import Result
+    ray_train_log = logging.getLogger("ray.train")
+    level = ray_train_log.level
+    ray_train_log.setLevel(logging.WARNING)  # not "A run snapshot was found..." (3 lines) here
+    try:
+        metrics = Result.from_path(run_path, storage_filesystem=filesystem).metrics
+    except RuntimeError:  # no run folder or no checkpoint yet
+        return None
+    finally:
+        ray_train_log.setLevel(level)
+    return {"epoch": metrics["epoch"], "step": metrics.get("step", 0)} if metrics else None
+
+
+def deadline_reached(config, reached: dict | None) -> str:
+    if reached is None:
+        return (f"deadline of {config.deadline_seconds:g} s reached before the first checkpoint; "
+                "run the same command again to start over")
+    return (f"deadline of {config.deadline_seconds:g} s reached at epoch {min(reached['epoch'] + 1, config.epochs)}; "
+            "the last checkpoint is kept; run the same command again to resume")
 
 
 def _connect(ray, config) -> None:
@@ -158,15 +233,19 @@ def failure_recorder(config):
 
 
 # Each attempt of a run (a worker-group restart, or the same command run again) appends a line
-# to attempts.jsonl when it starts, and the controller one to failures.jsonl when it fails;
-# both live beside Ray's checkpoints in <output>/checkpoints/<run>/.
+# to attempts.jsonl when it starts, and the controller one to failures.jsonl when it fails (a
+# step watchdog adds its own first); both live beside Ray's checkpoints in <output>/checkpoints/<run>/.
 
 def append_record(config, name: str, entry: dict) -> None:
     filesystem, path = storage.arrow_filesystem(f"{storage.checkpoints_uri(config.output)}/{config.run_name}/{name}.jsonl")
     previous = b"".join(json.dumps(record).encode() + b"\n" for record in read_records(config, name))
     filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with filesystem.open_output_stream(path) as out:  # object stores cannot append: rewrite
+    # Object stores cannot append: rewrite. Through a file of its own and a rename, so that two
+    # writers at once (two workers' watchdogs) leave one whole file, never a mix of both.
+    temporary = f"{path}.{socket.gethostname()}-{os.getpid()}"
+    with filesystem.open_output_stream(temporary) as out:
         out.write(previous + json.dumps(entry).encode() + b"\n")
+    filesystem.move(temporary, path)
 
 
 def read_records(config, name: str) -> list[dict]:
@@ -205,8 +284,9 @@ def attempt_history(config) -> list[dict]:
     attempts = read_records(config, "attempts")
     for failure in read_records(config, "failures"):
         failed = [a for a in attempts if a["started_at"] <= failure["failed_at"]]
-        if failed:
-            failed[-1].update(failure)
+        if failed:  # one attempt may have several reasons (the watchdog's, then Ray's): keep all
+            reasons = [reason for reason in (failed[-1].get("error"), failure["error"]) if reason]
+            failed[-1].update(failure, error="; ".join(reasons))
     for attempt in attempts[:-1]:
         attempt.setdefault("error", "stopped without a recorded failure (driver or cluster gone)")
     return attempts
@@ -234,13 +314,17 @@ def train_worker(loop_config: dict) -> None:
 
     # One strategy for one or many workers; each worker mirrors across its local GPUs, and
     # gradients are all-reduced with NCCL between GPUs, or ring all-reduce over gRPC on CPUs.
-    # A collective that waits longer than the timeout for a dead peer fails the step, so Ray
-    # restarts the group instead of hanging.
+    # No collective timeout: TensorFlow would hold a thread per all-reduce for its whole length
+    # (4,000+ per worker at 600 s, measured). A stuck peer is the step watchdog's, below.
     implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL
                       if config.gpus_per_worker else tf.distribute.experimental.CommunicationImplementation.RING)
     strategy = tf.distribute.MultiWorkerMirroredStrategy(
-        communication_options=tf.distribute.experimental.CommunicationOptions(
-            implementation=implementation, timeout_seconds=config.collective_timeout))
+        communication_options=tf.distribute.experimental.CommunicationOptions(implementation=implementation))
+    # A peer that is alive but stuck holds every worker in an all-reduce; TensorFlow's heartbeats
+    # only catch one that is dead or frozen whole. A worker whose steps stop finishing for
+    # step_timeout ends its own process and Ray restarts the group from the last checkpoint.
+    watchdog = StepWatchdog(config.step_timeout, on_expiry=lambda line: append_record(
+        config, "failures", {"failed_at": time.time(), "error": f"rank {context.get_world_rank()}: {line}"}))
     tf.keras.utils.set_random_seed(config.seed)  # same initial weights on every worker
 
     # Where the last attempt stopped: a checkpoint of a previous attempt of this run, if any.
@@ -276,7 +360,7 @@ def train_worker(loop_config: dict) -> None:
 
     # Train from where the run stands; a callback reports and checkpoints to Ray Train.
     staging = tempfile.mkdtemp(prefix=f"{config.run_name}-")
-    progress = EpochReporter(config, steps_per_epoch, loop_config["started_at"], is_chief, resume)
+    progress = EpochReporter(config, steps_per_epoch, loop_config["started_at"], is_chief, resume, watchdog)
     callbacks = [progress]
     if is_chief:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(staging, "tensorboard"),
@@ -284,12 +368,14 @@ def train_worker(loop_config: dict) -> None:
     fit = dict(validation_data=val_data, validation_steps=validation_steps or None, callbacks=callbacks, verbose=0)
     epoch, step = (resume["epoch"], resume["step"]) if resume else (0, 0)
     if step:  # the rest of an epoch interrupted after a mid-epoch checkpoint
-        model.fit(training_data(epoch, skip_steps=step), initial_epoch=epoch, epochs=epoch + 1,
-                  steps_per_epoch=steps_per_epoch - step, **fit)
+        with watchdog:  # timed from its first step until fit returns (or fails: that is Ray's to handle)
+            model.fit(training_data(epoch, skip_steps=step), initial_epoch=epoch, epochs=epoch + 1,
+                      steps_per_epoch=steps_per_epoch - step, **fit)
         epoch += 1
     if epoch < config.epochs:
-        model.fit(training_data(epoch), initial_epoch=epoch, epochs=config.epochs,
-                  steps_per_epoch=steps_per_epoch, **fit)
+        with watchdog:
+            model.fit(training_data(epoch), initial_epoch=epoch, epochs=config.epochs,
+                      steps_per_epoch=steps_per_epoch, **fit)
     finished_training = time.time()
 
     if is_chief:
@@ -381,15 +467,17 @@ class EpochReporter(tfenv.tensorflow()[1].callbacks.Callback):
     """Times each epoch's steps, reports it to Ray Train with a checkpoint, prints on the chief.
 
     Every worker calls ray.train.report equally often (Ray's rule); only the chief attaches the
-    checkpoint. With checkpoint_every_steps, mid-epoch checkpoints are reported too.
+    checkpoint. With checkpoint_every_steps, mid-epoch checkpoints are reported too. Every
+    finished training or validation batch, and every report, feeds the step watchdog.
     """
 
-    def __init__(self, config, steps_per_epoch, started_at, is_chief, resume):
+    def __init__(self, config, steps_per_epoch, started_at, is_chief, resume, watchdog):
         super().__init__()
         # Take Keras' logs as tensors: with batch hooks, numpy logs would cost a device sync on
         # every step. They are read (as floats) at epoch ends only.
         self._supports_tf_logs = True
         self.config, self.steps, self.started_at, self.is_chief = config, steps_per_epoch, started_at, is_chief
+        self.watchdog = watchdog
         self.history: list[dict] = list(resume["history"]) if resume else []
         self.first_step_at = None
         self.skipped = resume["step"] if resume else 0  # steps of the first epoch done before
@@ -399,7 +487,11 @@ class EpochReporter(tfenv.tensorflow()[1].callbacks.Callback):
         if self.first_step_at is None:
             self.first_step_at = time.time()
 
+    def on_test_batch_end(self, batch, logs=None):
+        self.watchdog.beat()
+
     def on_train_batch_end(self, batch, logs=None):
+        self.watchdog.beat()
         every, step = self.config.checkpoint_every_steps, self.skipped + batch + 1
         if step >= self.steps:
             return  # the epoch's own checkpoint follows
@@ -446,7 +538,9 @@ class EpochReporter(tfenv.tensorflow()[1].callbacks.Callback):
         checkpoint = None
         if self.is_chief:
             checkpoint = save_checkpoint(self.model, {"epoch": epoch, "step": step, "history": self.history})
-        ray.train.report(metrics, checkpoint=checkpoint)
+        self.watchdog.beat()
+        ray.train.report(metrics, checkpoint=checkpoint)  # waits for every worker and the upload
+        self.watchdog.beat()
         if checkpoint is not None:
             shutil.rmtree(checkpoint.path, ignore_errors=True)  # Ray has persisted its copy
 
@@ -498,7 +592,8 @@ def write_run(staging, config, splits, settings, trained, progress, replicas, st
         **{f"test_{name}": float(value) for name, value in test_metrics.items()},
         "images_per_second": sum(r["images_per_second"] for r in trained_epochs) / len(trained_epochs),
         "wall_time_seconds": time.time() - started_at,
-        "startup_seconds": progress.first_step_at - started_at,  # command start -> first step
+        # command start -> first step; none when this attempt resumed after the last epoch
+        "startup_seconds": progress.first_step_at - started_at if progress.first_step_at else None,
         "workers": config.workers,
         "replicas": replicas,
         "global_batch": config.batch_size,

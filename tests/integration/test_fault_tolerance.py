@@ -2,11 +2,14 @@
 
 Real processes, killed for real: SIGKILL to one Ray Train worker mid-epoch, and SIGKILL to
 the driver's whole process tree (a node gone) followed by the same command again, which is
-what a RayJob retry does. Checkpoints of the second live on the SeaweedFS server.
+what a RayJob retry does. Checkpoints of the second live on the SeaweedFS server. A worker
+stuck for real (its compute threads stopped) meets the step watchdog; a deadline stops a run
+that the same command then resumes.
 """
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +18,7 @@ import time
 import psutil
 import pytest
 
+from freeze import frozen_threads
 from support import ROOT, run_cli, write_digit_pngs
 
 pytestmark = pytest.mark.integration
@@ -56,13 +60,21 @@ def training_workers(process):
     return [p for p in psutil.Process(process.pid).children(recursive=True) if p.name().startswith("ray::RayTrainWorker")]
 
 
-def finish(process, log_path, timeout=900):
+def finish(process, log_path, timeout=900, expect=0):
     try:
         code = process.wait(timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         raise
-    assert code == 0, open(log_path).read()[-4000:]
+    assert code == expect, open(log_path).read()[-4000:]
+
+
+def ended(process):
+    """True once a psutil.Process has exited (a zombie has: only its exit status is left)."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +121,69 @@ def test_mid_epoch_checkpoints_bound_the_work_lost(mnist_dir, tmp_path):
     assert resumed["epoch"] == 0 and resumed["step"] in (20, 40, 60, 80), resumed  # inside epoch 1
     assert [r["epoch"] for r in metrics["history"]] == [1, 2]
     assert metrics["test_accuracy"] > 0.85
+
+
+def test_a_worker_stuck_alive_is_ended_by_the_step_watchdog_and_the_group_restarts(mnist_dir, tmp_path):
+    """A hung GPU, for real: one worker's compute threads stop while its heartbeats and Ray's
+    health checks still answer, so without the watchdog every all-reduce waits forever."""
+    log = tmp_path / "train.log"
+    args = train_args(mnist_dir, tmp_path, "stuck") + ["--epochs", "1", "--checkpoint-every-steps", "10",
+                                                       "--step-timeout", "20"]
+    process = start(args, log)
+    state = tmp_path / "checkpoints" / "stuck"
+    wait_for(lambda: (latest_checkpoint(local_snapshot(state)) or {}).get("step"), 600, "a mid-epoch checkpoint")
+    stuck = training_workers(process)[1]
+    with frozen_threads(stuck.pid, "tf_Compute"):
+        finish(process, log, timeout=420)
+        assert ended(stuck), "the stuck worker outlived the run"
+
+    metrics = json.loads((tmp_path / "runs" / "stuck" / "metrics.json").read_text())
+    attempts = metrics["attempts"]
+    assert len(attempts) == 2, attempts
+    assert "no training step finished for 20 s: a peer is silent or stuck" in attempts[0]["error"], attempts[0]
+    assert attempts[1]["resumed_from"]["epoch"] == 0 and attempts[1]["resumed_from"]["step"] >= 10, attempts[1]
+    assert "error" not in attempts[1]
+    assert ("no training step finished for 20 s: a peer is silent or stuck; failing this worker so Ray "
+            "restarts the group from the last checkpoint") in log.read_text()
+
+
+def test_a_deadline_stops_the_run_keeps_its_checkpoint_and_the_same_command_resumes(mnist_dir, tmp_path):
+    log = tmp_path / "train.log"
+    # 12 epochs of about 9 s (more on a busy machine) after 30-90 s of start-up (measured): the
+    # deadline falls after the first checkpoint and well before the end either way.
+    args = train_args(mnist_dir, tmp_path, "deadline") + ["--epochs", "12", "--checkpoint-every-steps", "20"]
+    process = start(args + ["--deadline-seconds", "100"], log)
+    wait_for(lambda: latest_checkpoint(local_snapshot(tmp_path / "checkpoints" / "deadline")), 100,
+             "a checkpoint before the deadline")
+    workers = training_workers(process)
+    session = process.pid
+    finish(process, log, timeout=300, expect=1)
+
+    output = log.read_text()
+    stopped = re.findall(r"^alexnet-job: deadline of 100 s reached at epoch (\d+); the last checkpoint is kept; "
+                         r"run the same command again to resume$", output, re.M)
+    assert len(stopped) == 1, output[-3000:]
+    assert not re.search(r"^Traceback", output, re.M), output[-3000:]  # Ray's actors may log theirs, prefixed
+    assert not (tmp_path / "runs" / "deadline" / "manifest.json").exists() and not (tmp_path / "latest.json").exists()
+    wait_for(lambda: all(ended(worker) for worker in workers), 30, "the training workers to end")
+    wait_for(lambda: not [p for p in psutil.process_iter() if _session(p) == session], 30,
+             "every process the command started to end")
+
+    finish(start(args, tmp_path / "again.log"), tmp_path / "again.log")
+    metrics = json.loads((tmp_path / "runs" / "deadline" / "metrics.json").read_text())
+    attempts = metrics["attempts"]
+    assert len(attempts) == 2 and attempts[0]["error"].startswith("deadline of 100 s reached"), attempts
+    resumed = attempts[1]["resumed_from"]
+    assert resumed is not None and resumed["epoch"] + 1 == int(stopped[0]), (resumed, stopped)
+    assert [r["epoch"] for r in metrics["history"]] == list(range(1, 13))
+    assert json.loads((tmp_path / "latest.json").read_text())["run"] == "deadline"
+
+
+def _session(process):
+    try:
+        return os.getsid(process.pid)
+    except OSError:
+        return None
 
 
 def test_a_killed_driver_resumes_from_s3_when_run_again_and_publishes_once(

@@ -55,6 +55,9 @@ def test_types_are_coerced_from_text():
     ({"mixed_precision": "fp16"}, "fp16 needs GPUs"),
     ({"run_name": "My Run"}, "run_name 'My Run' is not valid"),
     ({"validation_fraction": "1"}, "validation_fraction must be in [0, 1)"),
+    ({"step_timeout": "0"}, "step_timeout must be a positive number, not 0.0"),
+    ({"step_timeout": "soon"}, "step_timeout must be a number, not 'soon'"),
+    ({"deadline_seconds": "-60"}, "deadline_seconds must be a positive number, not -60.0"),
 ])
 def test_impossible_settings_are_one_clear_error(overrides, message):
     with pytest.raises(ConfigError) as caught:
@@ -77,6 +80,14 @@ def test_unreadable_and_malformed_config_files(tmp_path):
         configuration.load(write(tmp_path, "- 1\n- 2\n"), {}, environ={})
     with pytest.raises(ConfigError, match="config file .*: workers must be a whole number, not 'many'"):
         configuration.load(write(tmp_path, "workers: many\n"), {}, environ={})
+
+
+def test_the_step_watchdog_is_on_by_default_and_null_turns_it_off(tmp_path):
+    assert configuration.load(None, {}, environ={}).step_timeout == 600
+    assert configuration.load(write(tmp_path, "step_timeout: null\n"), {}, environ={}).step_timeout is None
+    config = configuration.load(None, {"step_timeout": "20", "deadline_seconds": "3600"}, environ={})
+    assert (config.step_timeout, config.deadline_seconds) == (20, 3600)
+    assert configuration.load(None, {}, environ={}).deadline_seconds is None
 
 
 def test_bad_environment_value_names_the_variable():

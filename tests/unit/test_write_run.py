@@ -1,0 +1,29 @@
+"""The chief's last act, write_run, in this process: a tiny model on synthetic data."""
+
+import json
+import time
+from types import SimpleNamespace
+
+from job import config as configuration
+from job import data, models, storage, train
+
+
+def test_an_attempt_resumed_after_the_last_epoch_still_publishes(tmp_path):
+    """Its predecessor stopped after the last checkpoint (a deadline, a lost driver, a failed
+    publish): this attempt trains no step, so it has no time to its first step."""
+    config = configuration.load(None, {"dataset": "synthetic", "synthetic_examples": "128", "epochs": "1", "validation_fraction": "0",
+                                       "output": str(tmp_path), "run_name": "late"}, environ={})
+    config.output = storage.parse_location(config.output).uri
+    splits = data.load(config)
+    model = models.build(config.model, train.model_input_shape(config), len(splits.class_names))
+    history = [{"epoch": 1, "loss": 2.3, "accuracy": 0.1, "images_per_second": 100.0, "seconds": 1.0}]
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    now = time.time()
+    settings = data.InputSettings(global_batch=config.batch_size, steps_per_epoch=1, epochs=1, seed=0, augment=False,
+                                  input_shape=train.model_input_shape(config), cpus=1, on_bad=None)
+    train.write_run(str(staging), config, splits, settings, model,
+                    SimpleNamespace(history=history, first_step_at=None), 2, 1, now - 60, now - 30)
+    metrics = json.loads((tmp_path / "runs" / "late" / "metrics.json").read_text())
+    assert metrics["startup_seconds"] is None and metrics["history"] == history
+    assert json.loads((tmp_path / "latest.json").read_text())["run"] == "late"
