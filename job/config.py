@@ -85,7 +85,7 @@ class Config:
         25, "every N steps all workers ask Ray whether a node is being drained, to checkpoint before it goes")
     step_timeout: float | None = option(
         600.0, "a worker that finishes no step for this many seconds (a peer alive but stuck) exits, and Ray "
-               "restarts the group from the last checkpoint; null (YAML) = never")
+               "restarts the group from the last checkpoint; off = never")
     deadline_seconds: float | None = option(
         None, "once the command has run this many seconds, stop training, keep the last checkpoint and exit 1")
     # output
@@ -180,6 +180,8 @@ def coerce(name: str, raw: Any, source: str) -> Any:
         if "None" in kind:
             return None
         raise ConfigError(f"{source}: {name} needs a value")
+    if "None" in kind and not kind.startswith("str") and str(raw).strip().lower() in ("none", "null", "off"):
+        return None  # a flag or variable cannot say YAML's null otherwise (--step-timeout off)
     try:
         if kind.startswith("list[int]"):
             parts = raw if isinstance(raw, list) else str(raw).replace("x", ",").split(",")

@@ -88,6 +88,10 @@ def test_the_step_watchdog_is_on_by_default_and_null_turns_it_off(tmp_path):
     config = configuration.load(None, {"step_timeout": "20", "deadline_seconds": "3600"}, environ={})
     assert (config.step_timeout, config.deadline_seconds) == (20, 3600)
     assert configuration.load(None, {}, environ={}).deadline_seconds is None
+    assert configuration.load(None, {"step_timeout": "off"}, environ={}).step_timeout is None
+    assert configuration.load(None, {}, environ={"ALEXNET_JOB_STEP_TIMEOUT": "none"}).step_timeout is None
+    # Words mean themselves where a field holds text: a run could be named "none".
+    assert configuration.load(None, {"run_name": "none"}, environ={}).run_name == "none"
 
 
 def test_bad_environment_value_names_the_variable():
