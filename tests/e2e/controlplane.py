@@ -63,6 +63,30 @@ class ControlPlaneError(RuntimeError):
     pass
 
 
+class PollTimeout(Exception):
+    def __init__(self, last_error):
+        super().__init__(last_error)
+        self.last_error = last_error
+
+
+def poll(condition, timeout: float, interval: float, before_each=None):
+    """Call `condition` until it returns something truthy (its errors count as not yet) and
+    return that; PollTimeout, holding the last error, once `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        if before_each:
+            before_each()
+        try:
+            result = condition()
+            if result:
+                return result
+        except Exception as error:  # noqa: BLE001 - retried until the deadline
+            last_error = error
+        time.sleep(interval)
+    raise PollTimeout(last_error)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -227,19 +251,11 @@ class ControlPlane:
                 raise ControlPlaneError(f"{c.name} exited with code {c.process.returncode}:\n{tail(c.log)}")
 
     def wait_for(self, what: str, condition, timeout: float = 60, component: Component | None = None):
-        deadline = time.monotonic() + timeout
-        last_error = None
-        while time.monotonic() < deadline:
-            self.check_alive()
-            try:
-                result = condition()
-                if result:
-                    return result
-            except Exception as error:  # noqa: BLE001 - retried until the deadline
-                last_error = error
-            time.sleep(0.2)
-        logs = f"\n{component.name} log:\n{tail(component.log)}" if component else ""
-        raise ControlPlaneError(f"{what} not ready after {timeout:.0f}s (last error: {last_error}){logs}")
+        try:
+            return poll(condition, timeout, 0.2, before_each=self.check_alive)
+        except PollTimeout as timed_out:
+            logs = f"\n{component.name} log:\n{tail(component.log)}" if component else ""
+            raise ControlPlaneError(f"{what} not ready after {timeout:.0f}s (last error: {timed_out.last_error}){logs}")
 
     # -- components
 

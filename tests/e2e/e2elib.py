@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: netwatch
 
-from controlplane import ROOT, ControlPlane, kubeconfig  # noqa: E402
+from controlplane import ROOT, ControlPlane, PollTimeout, kubeconfig, poll  # noqa: E402
 from netwatch import LoopbackWatch  # noqa: E402
 
 CHART = ROOT / "charts" / "alexnet-train"
@@ -94,16 +93,9 @@ class E2E:
 
 def wait_until(what: str, condition, timeout: float = 60, interval: float = 0.25):
     """Poll `condition` until it returns something truthy; fail the test with `what` otherwise."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            result = condition()
-            if result:
-                return result
-        except Exception as error:  # noqa: BLE001 - retried until the deadline
-            last = error
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last})")
+    try:
+        return poll(condition, timeout, interval)
+    except PollTimeout as timed_out:
+        pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last error: {timed_out.last_error})")
 
 
