@@ -180,7 +180,7 @@ def _write_shards(dataset, planned: list[Shard], store, dst: str, show_progress:
             upload.result()
     finally:
         uploads.shutdown(cancel_futures=True)  # after a failure: waits for the upload in flight
-        reader.pool.shutdown(cancel_futures=True)
+        reader.close()
         shutil.rmtree(staging, ignore_errors=True)
     return sizes
 

@@ -167,6 +167,10 @@ class Reader:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(readahead, 64),
                                                           thread_name_prefix="reader")
 
+    def close(self) -> None:
+        """Stop fetching: reads not yet started are dropped."""
+        self.pool.shutdown(cancel_futures=True)
+
     def read(self, relative: str) -> bytes:
         cached = self._cached(relative)
         if cached and os.path.exists(cached):
