@@ -65,10 +65,24 @@ class FileSplits:
     readahead: int
     cache_dir: str | None
     color_jitter: float
-    class_names: list[str]
-    location: str
-    fingerprint: str
-    counts: dict
+
+    # What the training loop asks of any dataset; the val split serves validation and test.
+    @property
+    def class_names(self) -> list[str]:
+        return self.dataset.class_names
+
+    @property
+    def location(self) -> str:
+        return self.dataset.root
+
+    @property
+    def fingerprint(self) -> str:
+        return self.dataset.fingerprint
+
+    @property
+    def counts(self) -> dict:
+        return {"train": self.dataset.counts["train"], "validation": self.dataset.counts["val"],
+                "test": self.dataset.counts["val"]}
 
     def training(self, context, settings: InputSettings, *, first_epoch: int = 0, skip_steps: int = 0):
         from job.data import image_pipeline
@@ -129,9 +143,7 @@ def load(config) -> Splits | FileSplits:
 def _list_files(config) -> FileSplits:
     from job.data import sources
     listed = (sources.list_tfrecord if config.dataset == "tfrecord" else sources.list_imagefolder)(config.data)
-    counts = {"train": listed.counts["train"], "validation": listed.counts["val"], "test": listed.counts["val"]}
-    splits = FileSplits(listed, config.readahead, config.data_cache, config.color_jitter, listed.class_names,
-                        config.data, listed.fingerprint, counts)
+    splits = FileSplits(listed, config.readahead, config.data_cache, config.color_jitter)
     _check_sizes(splits, config)
     shards = len(listed.files["train"])
     if listed.layout == "tfrecord" and shards < config.workers:
