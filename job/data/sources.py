@@ -9,8 +9,9 @@ Two layouts:
 The driver lists a dataset (`list_imagefolder`, `list_tfrecord`), which validates it before
 any worker starts; the workers read only their own files through a `Reader`, which fetches
 ahead on a thread pool (object stores have latency, not bandwidth, limits) and can keep a
-local copy of what it read. Everything goes through pyarrow's filesystems, with the same S3
-settings as the rest of the job, so local disk and S3 take the same path. No TensorFlow here.
+local copy of what it read. Listing goes through pyarrow's filesystems, reading objects through
+obstore (a GET there costs a third of pyarrow's CPU), both with the same S3 settings as the rest
+of the job. No TensorFlow here.
 """
 
 from __future__ import annotations
@@ -160,10 +161,15 @@ class Reader:
     """
 
     def __init__(self, root: str, *, readahead: int = 32, cache_dir: str | None = None):
+        from job import storage
+
         self.root = root
-        self.fs, self.base = filesystem(root)
+        if root.startswith("s3://"):
+            self.store, self.base = storage.object_store(root)
+        else:
+            self.store, self.base = None, os.path.abspath(root)
         self.readahead = readahead
-        self.cache_dir = cache_dir if root.startswith("s3://") else None
+        self.cache_dir = cache_dir if self.store else None
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(readahead, 64),
                                                           thread_name_prefix="reader")
 
@@ -176,8 +182,15 @@ class Reader:
         if cached and os.path.exists(cached):
             with open(cached, "rb") as handle:
                 return handle.read()
-        with self.fs.open_input_stream(f"{self.base}/{relative}") as handle:
-            data = handle.read()
+        if self.store is None:
+            with open(os.path.join(self.base, relative), "rb") as handle:
+                return handle.read()
+        import obstore
+
+        try:
+            data = obstore.get(self.store, posixpath.join(self.base, relative)).bytes().to_bytes()
+        except obstore.exceptions.BaseError as error:  # not an OSError: say it the same way
+            raise OSError(_first_line(error)) from None
         if cached:
             os.makedirs(os.path.dirname(cached), exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=os.path.dirname(cached), delete=False) as out:

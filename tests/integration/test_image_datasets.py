@@ -79,6 +79,22 @@ def test_the_cache_keeps_the_files_a_worker_read(runs, datasets):
     assert len(cached) > 40 and cached <= sources | {f"{prefix}/{BAD}"}
 
 
+def test_the_reader_fetches_objects_in_order_and_names_a_missing_one(datasets, s3_env, tmp_path):
+    from job.data.sources import Reader
+
+    wanted = [path for path, _ in datasets["folder"].files["train"][:5]]
+    reader = Reader(datasets["imagefolder"], readahead=2, cache_dir=str(tmp_path))
+    try:
+        read = list(reader.read_ahead([(path, n) for n, path in enumerate([*wanted[:3], "train/0/gone.jpg", *wanted[3:]])]))
+    finally:
+        reader.close()
+    assert [(path, n) for path, n, _ in read] == [(path, n) for n, path in
+                                                   enumerate([*wanted[:3], "train/0/gone.jpg", *wanted[3:]])]
+    assert [data for path, _, data in read if path != "train/0/gone.jpg"] == \
+        [(datasets["local"] / path).read_bytes() for path in wanted]
+    assert read[3][2].startswith("cannot be read: ") and "gone.jpg" in read[3][2]
+
+
 def test_predict_uses_the_runs_classes_and_centre_crop(runs, datasets):
     images = [datasets["local"] / path for path, _ in datasets["folder"].files["val"][:3]]
     result = run_cli("predict", runs["imagefolder"]["run_dir"], *images, "--top-k", "5", "--output", "json")

@@ -435,9 +435,24 @@ def test_arrow_filesystem_writes_where_boto3_reads(s3_server, bucket):
         storage.arrow_filesystem(f"s3://{bucket}-none/x")
 
 
+def test_object_store_reads_what_boto3_wrote(s3_server, bucket):
+    import obstore
+
+    payload = os.urandom(300_000)
+    s3_server.client().put_object(Bucket=bucket, Key="data/train/a/1.jpg", Body=payload)
+    store, prefix = storage.object_store(f"s3://{bucket}/data")
+    assert prefix == "data"
+    assert obstore.get(store, "data/train/a/1.jpg").bytes().to_bytes() == payload
+    with pytest.raises(FileNotFoundError, match="data/train/a/2.jpg"):
+        obstore.get(store, "data/train/a/2.jpg")
+    with pytest.raises(StorageError, match="does not exist"):
+        storage.object_store(f"s3://{bucket}-none/x")
+
+
 def test_everything_stays_on_loopback(s3_server, bucket, tmp_path):
     """The server's listeners and every connection of this process tree (server included) are on
-    127.0.0.1 through a publish, a restart, a download and pyarrow traffic."""
+    127.0.0.1 through a publish, a restart, a download, pyarrow and obstore traffic."""
+    import obstore
     from netwatch import LoopbackWatch
 
     output = f"s3://{bucket}/exp"
@@ -448,6 +463,8 @@ def test_everything_stays_on_loopback(s3_server, bucket, tmp_path):
         fs, path = storage.arrow_filesystem(output)
         with fs.open_input_stream(f"{path}/latest.json") as f:
             f.read()
+        store, prefix = storage.object_store(output)
+        obstore.get(store, f"{prefix}/latest.json").bytes()
         watch.sample()
     assert watch.sockets_seen > 0 and not watch.violations, sorted(watch.violations)
 
@@ -477,6 +494,17 @@ def test_tls_verification_and_ca_bundle(tls_server, s3_env, monkeypatch, tmp_pat
                              retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
     with pytest.raises(OSError):
         bare.open_input_stream(f"{path}/latest.json").read()
+
+    import obstore  # obstore trusts the same CA bundle, and only with it
+    from obstore.store import S3Store
+
+    store, prefix = storage.object_store(output)
+    assert json.loads(obstore.get(store, f"{prefix}/latest.json").bytes().to_bytes())["run"] == "r1"
+    bare_store = S3Store(bucket, endpoint=tls_server.endpoint, region=tls_server.region,
+                         access_key_id=tls_server.access_key, secret_access_key=tls_server.secret_key,
+                         retry_config={"max_retries": 0})
+    with pytest.raises(Exception, match="InvalidCertificate"):
+        obstore.get(bare_store, f"{prefix}/latest.json")
 
     monkeypatch.delenv("AWS_CA_BUNDLE")  # verification stays on: the server's CA is unknown now
     with pytest.raises(StorageError, match=f"TLS verification of {tls_server.endpoint} failed.*AWS_CA_BUNDLE"):

@@ -150,6 +150,19 @@ def test_evaluation_is_a_centre_crop_of_every_val_image_once(folder):
     assert not fingerprints(halves[0]) & fingerprints(halves[1])
 
 
+def test_predict_feeds_the_model_what_evaluation_fed_it(folder):
+    """`predict` on a run trained on image files prepares each image as the test split did."""
+    from job.predict import _read_image
+
+    splits = splits_of(folder.root)
+    evaluated = np.concatenate([x.numpy() for x, _ in splits.test(settings())[0]])
+    predicted = np.stack([_read_image(str(folder.root / path), SHAPE, crop=True).numpy()
+                          for path, _ in folder.files["val"]])
+    assert predicted.shape == evaluated.shape
+    distances = np.abs(predicted[:, None] - evaluated[None]).max(axis=(2, 3, 4))  # predicted x evaluated
+    assert (distances.min(axis=1) < 1e-6).all() and len(set(distances.argmin(axis=1))) == len(predicted)
+
+
 @pytest.fixture(scope="module")
 def packed(folder, tmp_path_factory):
     from job.data import pack
