@@ -143,6 +143,8 @@ def load(config) -> Splits | FileSplits:
 def _list_files(config) -> FileSplits:
     from job.data import sources
     listed = (sources.list_tfrecord if config.dataset == "tfrecord" else sources.list_imagefolder)(config.data)
+    if config.data_cache and listed.root.startswith("s3://") and not config.address:
+        sources.check_cache_dir(config.data_cache)  # the workers share this machine: say it before Ray
     splits = FileSplits(listed, config.readahead, config.data_cache, config.color_jitter)
     _check_sizes(splits, config)
     shards = len(listed.files["train"])

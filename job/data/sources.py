@@ -153,6 +153,17 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+def check_cache_dir(cache_dir: str) -> None:
+    """A DataError unless cache_dir is (or can be made) a folder this process can write in."""
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache_dir):
+            pass
+    except OSError as error:
+        raise DataError(f"cannot write the data cache {cache_dir}: {error.strerror or _first_line(error)}; "
+                        "give --data-cache a writable local folder") from None
+
+
 class Reader:
     """Reads files of one dataset in a given order, `readahead` of them in flight at a time.
 
@@ -170,6 +181,8 @@ class Reader:
             self.store, self.base = None, os.path.abspath(root)
         self.readahead = readahead
         self.cache_dir = cache_dir if self.store else None
+        if self.cache_dir:
+            check_cache_dir(self.cache_dir)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(readahead, 64),
                                                           thread_name_prefix="reader")
 
@@ -192,11 +205,25 @@ class Reader:
         except obstore.exceptions.BaseError as error:  # not an OSError: say it the same way
             raise OSError(_first_line(error)) from None
         if cached:
+            self._keep(cached, data)
+        return data
+
+    def _keep(self, cached: str, data: bytes) -> None:
+        """Copy into the cache; if that fails (a full disk), stop caching, not training."""
+        try:
             os.makedirs(os.path.dirname(cached), exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=os.path.dirname(cached), delete=False) as out:
-                out.write(data)
+                try:
+                    out.write(data)
+                except OSError:
+                    os.unlink(out.name)
+                    raise
             os.replace(out.name, cached)
-        return data
+        except OSError as error:
+            if self.cache_dir:  # several reader threads may fail at once: say it once
+                print(f"data cache {self.cache_dir} stopped, reading from the store from now on: "
+                      f"{_first_line(error)}", flush=True)
+            self.cache_dir = None
 
     def _cached(self, relative: str) -> str | None:
         if not self.cache_dir:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chartlib import CASES, kinds, rayjob_specs, scheduled_rayjobs, values_of
+from chartlib import CASES, CHART, kinds, rayjob_specs, scheduled_rayjobs, values_of
 
 pytestmark = pytest.mark.chart
 
@@ -76,6 +76,26 @@ def test_the_cli_accepts_the_rendered_entrypoint_and_config(render, case, tmp_pa
         expected = values.get("runName") or spec_name(objects)
         assert args[len(TRAIN_PREFIX):] == ["--run-name", expected]
         assert printed["run_name"] == expected
+
+
+def printed_step_timeout(helm, training: str, tmp_path: Path):
+    """The step_timeout the CLI reads from the config.yaml the chart renders for these training values."""
+    values = tmp_path / "values.yaml"
+    values.write_text(f"training:\n  {training}\n")
+    result = helm("template", "alexnet", str(CHART), "-f", str(values))
+    assert result.returncode == 0, result.stderr
+    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    (config_map,) = kinds(objects, "ConfigMap")
+    ((_, spec),) = rayjob_specs(objects)
+    return print_config(shlex.split(spec["entrypoint"]), config_map["data"]["config.yaml"], tmp_path)["step_timeout"]
+
+
+@pytest.mark.parametrize("training, expected", [
+    ("{}", 600), ("step_timeout: 900", 900),
+    # YAML 1.1 reads a bare `off` as false: either way the CLI is told "off", no watchdog.
+    ("step_timeout: off", None), ("step_timeout: 'off'", None), ("step_timeout: false", None)])
+def test_the_step_watchdog_can_be_set_or_turned_off_from_the_values(helm, training, expected, tmp_path):
+    assert printed_step_timeout(helm, training, tmp_path) == expected
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)

@@ -121,3 +121,32 @@ def test_an_empty_split_stops_before_training(datasets, tmp_path):
     shutil.rmtree(copy / "val")
     error_line(run_cli("train", "--dataset", "imagefolder", "--data", copy, "--output", tmp_path),
                f"no images in {copy}/val")
+
+
+def test_an_unwritable_data_cache_stops_before_training(datasets, tmp_path, s3_server):
+    (tmp_path / "a-file").write_text("not a folder")
+    error_line(run_cli("train", "--dataset", "imagefolder", "--data", datasets["imagefolder"], "--data-cache",
+                       tmp_path / "a-file" / "cache", "--output", tmp_path / "out", env=s3_server.env),
+               f"cannot write the data cache {tmp_path}/a-file/cache: Not a directory; "
+               "give --data-cache a writable local folder")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_cache_that_fails_mid_run_stops_caching_not_reading(datasets, s3_env, tmp_path, capsys):
+    from job.data.sources import Reader
+
+    # One image of each of the classes 0-3, read one after the other; class 1's cache folder is blocked.
+    wanted = [next(path for path, label in datasets["folder"].files["train"] if label == n) for n in range(4)]
+    prefix = datasets["imagefolder"].removeprefix("s3://")
+    blocked = tmp_path / prefix / wanted[1].rsplit("/", 1)[0]
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("a file where the class folder would go")  # a write fails, as on a full disk
+    reader = Reader(datasets["imagefolder"], readahead=1, cache_dir=str(tmp_path))
+    try:
+        read = list(reader.read_ahead([(path, None) for path in wanted]))
+    finally:
+        reader.close()
+    assert [data for _, _, data in read] == [(datasets["local"] / path).read_bytes() for path in wanted]
+    assert capsys.readouterr().out.count(f"data cache {tmp_path} stopped") == 1
+    cached = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+    assert cached == {f"{prefix}/{wanted[0]}", blocked.relative_to(tmp_path).as_posix()}  # nothing after the failure

@@ -18,6 +18,10 @@ workers.cpu -> cpus_per_worker, s3.bucket/s3.prefix -> output.
 {{- $_ := set $config $key $value }}
 {{- end }}
 {{- end }}
+{{- /* `step_timeout: off` in a values file is YAML 1.1's false; the CLI's word for it is "off". */}}
+{{- if and (hasKey $config "step_timeout") (kindIs "bool" $config.step_timeout) }}
+{{- $_ := set $config "step_timeout" "off" }}
+{{- end }}
 {{- $_ := set $config "workers" (int64 .Values.workers.replicas) }}
 {{- $_ = set $config "gpus_per_worker" (int64 .Values.workers.gpus) }}
 {{- $_ = set $config "cpus_per_worker" (int64 .Values.workers.cpu) }}
@@ -281,6 +285,11 @@ render with one line that says what to change.
 {{- $replicas := mul (int64 $.Values.workers.replicas) (max 1 (int64 $.Values.workers.gpus)) }}
 {{- if mod (int64 .) $replicas }}
 {{- fail (printf "training.batch_size %d does not divide across %d replicas (workers.replicas %d x %d GPUs); use a multiple of %d" (int64 .) $replicas (int64 $.Values.workers.replicas) (max 1 (int64 $.Values.workers.gpus)) $replicas) }}
+{{- end }}
+{{- end }}
+{{- with .Values.training.data_cache }}
+{{- if and $.Values.securityContext.readOnlyRootFilesystem (not (hasPrefix "/tmp/" (clean .))) }}
+{{- fail (printf "training.data_cache %q is outside /tmp, the only folder the worker pods can write (securityContext.readOnlyRootFilesystem); use a folder under /tmp such as /tmp/data-cache (it counts against workers.tmpSize)" .) }}
 {{- end }}
 {{- end }}
 {{- if and .Values.job.queueName (not .Values.job.shutdownAfterJobFinishes) }}
