@@ -133,8 +133,9 @@ def run_train(args, started_at: float) -> int:
     config.output = storage.parse_location(config.output).uri  # absolute: workers run elsewhere
     state = storage.run_state(config.output, config.run_name)
     if state == "complete":
-        print(f"run {config.run_name} is already complete at {storage.run_uri(config.output, config.run_name)}; "
-              "not training it again (choose another --run-name for a new run)")
+        # Finishes a publish whose driver was lost before it moved latest.json; else changes nothing.
+        result = storage.finish_publish(config.output, config.run_name, promote_if_better=config.promote_if_better)
+        print(f"{result.message}; not training it again (choose another --run-name for a new run)")
         return 0
     splits = data.load(config)  # a missing or corrupt dataset fails here, before Ray starts
     print(f"training {config.model} on {config.dataset} ({splits.counts['train']} examples) with "

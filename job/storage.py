@@ -974,12 +974,29 @@ def publish(
                         progress(file_key, done[0], len(files))
 
             uploaded = store.put_run(files, run_name, report)
-        promotion, latest = _move_latest(store, run_name, manifest, gate, sealed=existing is not None)
-        return PublishResult(
-            run=run_name, run_uri=store.uri(f"runs/{run_name}"), files=len(files), bytes=sum(f.size for f in files),
-            uploaded=uploaded, already_complete=existing is not None, promoted=latest == run_name, latest=latest,
-            promotion=promotion,
-        )
+        return _promote(store, run_name, manifest, gate, uploaded=uploaded, already_complete=existing is not None)
+
+
+def finish_publish(output: str, run_name: str, *, promote_if_better: str | None = None) -> PublishResult:
+    """For a run that is already complete: move latest.json if its publish decided to and was
+    stopped before it could (a driver lost in between); otherwise change nothing."""
+    gate = parse_gate(promote_if_better) if promote_if_better else None
+    with _store(parse_location(output), patient=True) as store:
+        key = f"runs/{run_name}/{MANIFEST}"
+        existing = store.read(key)
+        if existing is None:
+            raise StorageError(f"run {run_name} has no {MANIFEST} at {store.uri(f'runs/{run_name}')}: it is not complete")
+        return _promote(store, run_name, _loads(existing, store.uri(key)), gate, uploaded=0, already_complete=True)
+
+
+def _promote(store, run_name: str, manifest: dict, gate: Gate | None, *, uploaded: int,
+             already_complete: bool) -> PublishResult:
+    promotion, latest = _move_latest(store, run_name, manifest, gate, sealed=already_complete)
+    return PublishResult(
+        run=run_name, run_uri=store.uri(f"runs/{run_name}"), files=len(manifest["files"]),
+        bytes=manifest["total_bytes"], uploaded=uploaded, already_complete=already_complete,
+        promoted=latest == run_name, latest=latest, promotion=promotion,
+    )
 
 
 def _new_manifest(run_name: str, files: list[_File], extra: dict) -> dict:

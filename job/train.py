@@ -561,8 +561,10 @@ def write_run(staging, config, splits, settings, trained, progress, replicas, st
               finished_training) -> None:
     """Evaluate on the test set and publish model, metrics, curves and config (chief only)."""
     if storage.run_state(config.output, config.run_name) == "complete":
-        # A restart after the publish (exactly once: the published run is never replaced).
-        print(f"run {config.run_name} is already published; not publishing it again", flush=True)
+        # A restart after the publish (exactly once: the published run is never replaced), which
+        # may have been stopped before it moved latest.json.
+        result = storage.finish_publish(config.output, config.run_name, promote_if_better=config.promote_if_better)
+        print(result.message, flush=True)
         return
     from job import models
     tf, _ = tfenv.tensorflow()

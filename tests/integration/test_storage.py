@@ -158,6 +158,39 @@ def test_killed_publish_leaves_nothing_complete(s3_server, bucket, tmp_path):
     assert local_files(storage.download_run(f"{output}/runs/b", tmp_path / "dl")).keys() == {*local_files(run), "manifest.json"}
 
 
+SEAL_AND_DIE = """
+import os, sys
+from job import storage
+move_latest = storage._move_latest
+def die_at_the_latest_write(store, *args, **kwargs):
+    store.write_if = lambda *_, **__: os._exit(17)  # the manifest is sealed; latest.json is next
+    return move_latest(store, *args, **kwargs)
+storage._move_latest = die_at_the_latest_write
+storage.publish(sys.argv[1], sys.argv[2], sys.argv[3], manifest_extra={"metrics": {"test_accuracy": 0.9}})
+"""
+
+
+def test_the_same_command_moves_latest_json_that_a_lost_driver_left_behind(s3_server, bucket, tmp_path):
+    from support import run_cli
+
+    output = f"s3://{bucket}/exp"
+    storage.publish(make_run(tmp_path / "a"), output, "a", manifest_extra=extra())
+    proc = subprocess.run([sys.executable, "-c", SEAL_AND_DIE, str(make_run(tmp_path / "b")), output, "b"],
+                          env={**os.environ, **s3_server.env}, cwd=REPO, timeout=120)
+    assert proc.returncode == 17
+    assert storage.run_state(output, "b") == "complete" and latest_of(s3_server, bucket)[0]["run"] == "a"
+
+    again = run_cli("train", "--output", output, "--run-name", "b", env=s3_server.env, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "latest.json -> b" in again.stdout and "not training it again" in again.stdout
+    pointer, tag = latest_of(s3_server, bucket)
+    assert pointer["run"] == "b"
+    assert run_cli("train", "--output", output, "--run-name", "b", env=s3_server.env, timeout=120).returncode == 0
+    assert latest_of(s3_server, bucket)[1] == tag  # nothing left to finish: not rewritten
+    assert run_cli("train", "--output", output, "--run-name", "a", env=s3_server.env, timeout=120).returncode == 0
+    assert latest_of(s3_server, bucket)[0]["run"] == "b"  # an older complete run does not take it back
+
+
 def _stop_at_first_file(server, restart_after: float | None):
     """A progress callback that stops the server once the first file is stored (and maybe restarts it)."""
     state = {"stopped_at": None, "restart": None}

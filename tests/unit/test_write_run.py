@@ -8,7 +8,7 @@ from job import config as configuration
 from job import data, models, storage, train
 
 
-def test_an_attempt_resumed_after_the_last_epoch_still_publishes(tmp_path):
+def test_an_attempt_resumed_after_the_last_epoch_still_publishes(tmp_path, capsys):
     """Its predecessor stopped after the last checkpoint (a deadline, a lost driver, a failed
     publish): this attempt trains no step, so it has no time to its first step."""
     config = configuration.load(None, {"dataset": "synthetic", "synthetic_examples": "128", "epochs": "1", "validation_fraction": "0",
@@ -26,4 +26,14 @@ def test_an_attempt_resumed_after_the_last_epoch_still_publishes(tmp_path):
                     SimpleNamespace(history=history, first_step_at=None), 2, 1, now - 60, now - 30)
     metrics = json.loads((tmp_path / "runs" / "late" / "metrics.json").read_text())
     assert metrics["startup_seconds"] is None and metrics["history"] == history
+    assert json.loads((tmp_path / "latest.json").read_text())["run"] == "late"
+
+    # A restart after the publish, which had been stopped before latest.json moved: the run is
+    # left as it is and the move is finished.
+    (tmp_path / "latest.json").unlink()
+    published = (tmp_path / "runs" / "late" / "manifest.json").read_bytes()
+    train.write_run(str(staging), config, splits, settings, model,
+                    SimpleNamespace(history=history, first_step_at=None), 2, 1, now - 60, now - 30)
+    assert "run late was already published" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "late" / "manifest.json").read_bytes() == published
     assert json.loads((tmp_path / "latest.json").read_text())["run"] == "late"
