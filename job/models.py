@@ -94,3 +94,21 @@ def compile_for_training(model, learning_rate, mixed_precision: str = "off"):
         metrics.append(keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5_accuracy"))
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=metrics)
     return model
+
+
+def export_for_serving(model, path: str) -> None:
+    """A SavedModel of `model` in TensorFlow Serving's layout, with one signature:
+    serving_default(images: float32 [N, H, W, C] in [0, 1]) -> {"probabilities": [N, classes]}.
+
+    Only the variables and this one function are saved. Saving the Keras model object itself
+    would trace every layer's call as well: 1.3 s instead of 0.2 s for alexnet-mnist.
+    """
+    serving = tf.Module()
+    serving.weights = list(model.variables)  # tracked, so the SavedModel holds them
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="images")])
+    def serve(images):
+        return {"probabilities": model(images, training=False)}
+
+    tf.saved_model.save(serving, path, signatures={"serving_default": serve})
+

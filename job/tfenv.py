@@ -7,6 +7,7 @@ MultiWorkerMirroredStrategy `fit` (keras-team/keras#20585, ray-project/ray#47464
 
 import contextlib
 import os
+import re
 import sys
 import tempfile
 
@@ -14,6 +15,9 @@ os.environ["TF_USE_LEGACY_KERAS"] = "1"
 # Native (C++) log lines would bury the CLI's own output; training workers set "2" (errors
 # stay visible in the Ray logs). A user's own setting wins.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# What TensorFlow's native side prints while it loads, before the level above applies: absl's
+# own warning, then glog-style lines (`I0000 00:00:...`, `W1202 ...`).
+ABSL_START_UP = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IWEF]\d{4} )")
 
 
 def tensorflow():
@@ -32,22 +36,28 @@ def _native_stderr_captured():
     """Hold back what TensorFlow's C++ side prints while it loads.
 
     Those lines are written before TF_CPP_MIN_LOG_LEVEL takes effect (absl prints everything
-    until it is initialised). They are replayed only if the import fails.
+    until it is initialised). They are replayed only if the import fails. Other lines written to
+    stderr meanwhile (the driver imports TensorFlow in a thread while Ray starts) are replayed
+    after it, in order.
     """
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
+        failed = False
         try:
             yield
         except BaseException:
-            os.dup2(saved, 2)
-            captured.seek(0)
-            sys.stderr.write(captured.read().decode(errors="replace"))
+            failed = True
             raise
         finally:
+            sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if failed or not ABSL_START_UP.match(line)))
+            sys.stderr.flush()
 
 
 def limit_threads(cpus: int) -> None:

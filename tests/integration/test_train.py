@@ -80,9 +80,12 @@ def test_saved_model_is_in_serving_layout_and_agrees_with_the_keras_file(trained
     tf, keras = tfenv.tensorflow()
     saved = tf.saved_model.load(str(trained["run_dir"] / "saved_model" / "1"))
     serve = saved.signatures["serving_default"]
+    # The contract TF Serving clients code against: `images` in, `probabilities` out.
+    assert list(serve.structured_input_signature[1]) == ["images"]
+    assert list(serve.structured_outputs) == ["probabilities"]
     _, (test_x, _), _, _ = mnist.load(str(mnist_dir))
     batch = (test_x[:16] / 255.0).astype(np.float32)
-    served = list(serve(tf.constant(batch)).values())[0].numpy()
+    served = serve(images=tf.constant(batch))["probabilities"].numpy()
     keras_model = keras.models.load_model(trained["run_dir"] / "model.keras")
     assert np.allclose(served, keras_model.predict(batch, verbose=0), atol=1e-5)
 
@@ -147,5 +150,6 @@ def test_a_finished_run_is_not_trained_again(trained, mnist_dir):
     started = time.time()
     result = run_cli("train", "--data", mnist_dir, "--output", trained["output"], "--run-name", "it-mnist")
     assert result.returncode == 0, result.stderr
-    assert "already complete" in result.stdout and time.time() - started < 30
+    assert "was already published" in result.stdout and "not training it again" in result.stdout
+    assert time.time() - started < 30
     assert (trained["run_dir"] / "metrics.json").stat().st_mtime_ns == before

@@ -77,12 +77,12 @@ def test_bf16_training_step_runs_on_cpu():
 
 
 def test_learning_rate_scaling_warmup_and_cosine_decay():
-    from job import tfenv, train
+    from job import tfenv, worker
     from job.config import Config
     _, keras = tfenv.tensorflow()
-    assert train.learning_rate_schedule(Config(learning_rate=0.01), 4, 100, keras) == 0.01
-    assert train.learning_rate_schedule(Config(learning_rate=0.01, scale_lr=True), 4, 100, keras) == 0.04
-    schedule = train.learning_rate_schedule(
+    assert worker.learning_rate_schedule(Config(learning_rate=0.01), 4, 100, keras) == 0.01
+    assert worker.learning_rate_schedule(Config(learning_rate=0.01, scale_lr=True), 4, 100, keras) == 0.04
+    schedule = worker.learning_rate_schedule(
         Config(learning_rate=0.01, warmup_epochs=1, lr_decay="cosine", epochs=3), 1, 100, keras)
     rates = [float(schedule(step)) for step in (0, 49, 99, 100, 200, 299)]
     assert rates[0] == pytest.approx(0.0001) and rates[1] == pytest.approx(0.005)   # linear warm-up

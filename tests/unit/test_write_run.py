@@ -5,7 +5,7 @@ import time
 from types import SimpleNamespace
 
 from job import config as configuration
-from job import data, models, storage, train
+from job import data, models, storage, worker
 
 
 def test_an_attempt_resumed_after_the_last_epoch_still_publishes(tmp_path, capsys):
@@ -15,14 +15,14 @@ def test_an_attempt_resumed_after_the_last_epoch_still_publishes(tmp_path, capsy
                                        "output": str(tmp_path), "run_name": "late"}, environ={})
     config.output = storage.parse_location(config.output).uri
     splits = data.load(config)
-    model = models.build(config.model, train.model_input_shape(config), len(splits.class_names))
+    model = models.build(config.model, worker.model_input_shape(config), len(splits.class_names))
     history = [{"epoch": 1, "loss": 2.3, "accuracy": 0.1, "images_per_second": 100.0, "seconds": 1.0}]
     staging = tmp_path / "staging"
     staging.mkdir()
     now = time.time()
-    settings = data.InputSettings(global_batch=config.batch_size, steps_per_epoch=1, epochs=1, seed=0, augment=False,
-                                  input_shape=train.model_input_shape(config), cpus=1, on_bad=None)
-    train.write_run(str(staging), config, splits, settings, model,
+    settings = data.InputSettings(global_batch=config.batch_size, steps_per_epoch=1, seed=0, augment=False,
+                                  input_shape=worker.model_input_shape(config), cpus=1, on_bad=None)
+    worker.write_run(str(staging), config, splits, settings, model,
                     SimpleNamespace(history=history, first_step_at=None), 2, 1, now - 60, now - 30)
     metrics = json.loads((tmp_path / "runs" / "late" / "metrics.json").read_text())
     assert metrics["startup_seconds"] is None and metrics["history"] == history
@@ -32,7 +32,7 @@ def test_an_attempt_resumed_after_the_last_epoch_still_publishes(tmp_path, capsy
     # left as it is and the move is finished.
     (tmp_path / "latest.json").unlink()
     published = (tmp_path / "runs" / "late" / "manifest.json").read_bytes()
-    train.write_run(str(staging), config, splits, settings, model,
+    worker.write_run(str(staging), config, splits, settings, model,
                     SimpleNamespace(history=history, first_step_at=None), 2, 1, now - 60, now - 30)
     assert "run late was already published" in capsys.readouterr().out
     assert (tmp_path / "runs" / "late" / "manifest.json").read_bytes() == published

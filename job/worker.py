@@ -1,0 +1,372 @@
+"""What every Ray Train worker runs, top to bottom: threads, strategy, data, model, fit, and on
+the chief (rank 0) only: the final evaluation, the run's artifacts and their publication.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+from importlib import metadata
+
+from job import records, storage, tfenv
+from job.data import InputSettings
+from job.watchdog import StepWatchdog
+
+PACKAGES = ("tensorflow", "tf-keras", "ray", "numpy", "boto3", "alexnet-job")
+
+
+def train_worker(loop_config: dict) -> None:
+    """One Ray Train worker: every worker runs this; rank 0 also writes the run."""
+    import ray
+    import ray.train
+    from job.config import Config
+
+    config = Config(**loop_config["config"])
+    context = ray.train.get_context()
+    is_chief = context.get_world_rank() == 0
+
+    # Threads and devices before TensorFlow starts its runtime.
+    tfenv.limit_threads(config.cpus_per_worker)
+    tf, keras = tfenv.tensorflow()
+    tf.get_logger().setLevel("ERROR")  # per-step collective INFO lines would drown the progress
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)  # share the GPU with the input pipeline
+    from job import models
+
+    # One strategy for one or many workers; each worker mirrors across its local GPUs, and
+    # gradients are all-reduced with NCCL between GPUs, or ring all-reduce over gRPC on CPUs.
+    # No collective timeout: TensorFlow would hold a thread per all-reduce for its whole length
+    # (4,000+ per worker at 600 s, measured). A stuck peer is the step watchdog's, below.
+    implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL
+                      if config.gpus_per_worker else tf.distribute.experimental.CommunicationImplementation.RING)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=tf.distribute.experimental.CommunicationOptions(implementation=implementation))
+    # A peer that is alive but stuck holds every worker in an all-reduce; TensorFlow's heartbeats
+    # only catch one that is dead or frozen whole. A worker whose steps stop finishing for
+    # step_timeout ends its own process and Ray restarts the group from the last checkpoint.
+    watchdog = StepWatchdog(config.step_timeout, on_expiry=lambda line: records.append_record(
+        config, "failures", {"failed_at": time.time(), "error": f"rank {context.get_world_rank()}: {line}"}))
+    tf.keras.utils.set_random_seed(config.seed)  # same initial weights on every worker
+
+    # Where the last attempt stopped: a checkpoint of a previous attempt of this run, if any.
+    resume = load_checkpoint(ray.train.get_checkpoint())
+    if is_chief:
+        records.append_record(config, "attempts", {"started_at": time.time(), "resumed_from":
+                                           {"epoch": resume["epoch"], "step": resume["step"]} if resume else None})
+
+    # Data: this worker's share of what the driver loaded (arrays) or listed (image files).
+    splits = ray.get(loop_config["data"])
+    input_shape = model_input_shape(config)
+    steps_per_epoch = config.steps_per_epoch or splits.counts["train"] // config.batch_size
+    validation_steps = splits.counts["validation"] // config.batch_size
+    settings = InputSettings(global_batch=config.batch_size, steps_per_epoch=steps_per_epoch,
+                             seed=config.seed, augment=config.augment, input_shape=input_shape,
+                             cpus=config.cpus_per_worker, on_bad=records.bad_image_reporter(config, context.get_world_rank()))
+
+    def training_data(first_epoch, skip_steps=0):
+        return strategy.distribute_datasets_from_function(
+            lambda ctx: splits.training(ctx, settings, first_epoch=first_epoch, skip_steps=skip_steps))
+
+    val_data = strategy.distribute_datasets_from_function(
+        lambda ctx: splits.validation(ctx, settings)) if validation_steps else None
+
+    # Model and optimiser, created under the strategy so their variables are mirrored.
+    with strategy.scope():
+        model = models.build(config.model, input_shape, len(splits.class_names), config.mixed_precision)
+        models.compile_for_training(
+            model, learning_rate_schedule(config, strategy.num_replicas_in_sync, steps_per_epoch, keras),
+            config.mixed_precision)
+        if resume:
+            restore(model, resume)
+
+    # Train from where the run stands; a callback reports and checkpoints to Ray Train.
+    staging = tempfile.mkdtemp(prefix=f"{config.run_name}-")
+    progress = EpochReporter(config, steps_per_epoch, loop_config["started_at"], is_chief, resume, watchdog)
+    callbacks = [progress]
+    if is_chief:
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(staging, "tensorboard"),
+                                                     write_graph=False, update_freq="epoch"))
+    fit = dict(validation_data=val_data, validation_steps=validation_steps or None, callbacks=callbacks, verbose=0)
+    epoch, step = (resume["epoch"], resume["step"]) if resume else (0, 0)
+    if step:  # the rest of an epoch interrupted after a mid-epoch checkpoint
+        with watchdog:  # timed from its first step until fit returns (or fails: that is Ray's to handle)
+            model.fit(training_data(epoch, skip_steps=step), initial_epoch=epoch, epochs=epoch + 1,
+                      steps_per_epoch=steps_per_epoch - step, **fit)
+        epoch += 1
+    if epoch < config.epochs:
+        with watchdog:
+            model.fit(training_data(epoch), initial_epoch=epoch, epochs=config.epochs,
+                      steps_per_epoch=steps_per_epoch, **fit)
+    finished_training = time.time()
+
+    if is_chief:
+        try:
+            write_run(staging, config, splits, settings, model, progress, strategy.num_replicas_in_sync,
+                      steps_per_epoch, loop_config["started_at"], finished_training)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(model, state: dict):
+    """A Ray checkpoint of the weights, the optimiser's slots and step, and `state` (chief only).
+
+    Read from the local copies of the mirrored variables: no collective, so the other workers
+    never wait on it.
+    """
+    import numpy as np
+    from ray.train import Checkpoint
+
+    folder = tempfile.mkdtemp(prefix="checkpoint-")
+    np.savez(os.path.join(folder, "weights.npz"), *model.get_weights())
+    np.savez(os.path.join(folder, "optimizer.npz"), *[v.numpy() for v in model.optimizer.variables])
+    with open(os.path.join(folder, "state.json"), "w", encoding="utf-8") as handle:
+        json.dump(state, handle)
+    return Checkpoint.from_directory(folder)
+
+
+def load_checkpoint(checkpoint) -> dict | None:
+    """{"weights", "optimizer", "epoch", "step", "history"} of a checkpoint, or None."""
+    if checkpoint is None:
+        return None
+    import numpy as np
+
+    with checkpoint.as_directory() as folder:
+        with open(os.path.join(folder, "state.json"), encoding="utf-8") as handle:
+            state = json.load(handle)
+        for name in ("weights", "optimizer"):
+            with np.load(os.path.join(folder, f"{name}.npz")) as arrays:
+                state[name] = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+    return state
+
+
+def restore(model, state: dict) -> None:
+    """Put a checkpoint's weights and optimiser state into a freshly built, compiled model."""
+    model.set_weights(state["weights"])
+    model.optimizer.build(model.trainable_variables)
+    variables = model.optimizer.variables
+    if len(variables) != len(state["optimizer"]):
+        raise RuntimeError(f"checkpoint has {len(state['optimizer'])} optimizer variables, model {len(variables)}")
+    for variable, value in zip(variables, state["optimizer"]):
+        variable.assign(value)
+
+
+def model_input_shape(config) -> tuple:
+    from job.config import MODEL_DEFAULTS
+    return tuple(config.input_shape or MODEL_DEFAULTS[config.model][0])
+
+
+def learning_rate_schedule(config, replicas: int, steps_per_epoch: int, keras):
+    """The configured rate, optionally scaled by replicas, warmed up linearly, decayed by cosine."""
+    peak = config.learning_rate * (replicas if config.scale_lr else 1)
+    warmup_steps = int(config.warmup_epochs * steps_per_epoch)
+    total_steps = config.epochs * steps_per_epoch
+    if not warmup_steps and config.lr_decay == "none":
+        return peak
+    tf = tfenv.tensorflow()[0]
+
+    class WarmupThenDecay(keras.optimizers.schedules.LearningRateSchedule):
+        def __call__(self, step):
+            step = tf.cast(step, tf.float32)
+            rate = tf.constant(peak, tf.float32)
+            if config.lr_decay == "cosine":
+                progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+                rate = rate * 0.5 * (1 + tf.cos(math.pi * tf.clip_by_value(progress, 0.0, 1.0)))
+            if warmup_steps:
+                rate = rate * tf.minimum(1.0, (step + 1) / warmup_steps)
+            return rate
+
+        def get_config(self):
+            return {"peak": peak, "warmup_steps": warmup_steps, "total_steps": total_steps,
+                    "decay": config.lr_decay}
+
+    return WarmupThenDecay()
+
+
+class EpochReporter(tfenv.tensorflow()[1].callbacks.Callback):
+    """Times each epoch's steps, reports it to Ray Train with a checkpoint, prints on the chief.
+
+    Every worker calls ray.train.report equally often (Ray's rule); only the chief attaches the
+    checkpoint. With checkpoint_every_steps, mid-epoch checkpoints are reported too. Every
+    finished training or validation batch, and every report, feeds the step watchdog.
+    """
+
+    def __init__(self, config, steps_per_epoch, started_at, is_chief, resume, watchdog):
+        super().__init__()
+        # Take Keras' logs as tensors: with batch hooks, numpy logs would cost a device sync on
+        # every step. They are read (as floats) at epoch ends only.
+        self._supports_tf_logs = True
+        self.config, self.steps, self.started_at, self.is_chief = config, steps_per_epoch, started_at, is_chief
+        self.watchdog = watchdog
+        self.history: list[dict] = list(resume["history"]) if resume else []
+        self.first_step_at = None
+        self.skipped = resume["step"] if resume else 0  # steps of the first epoch done before
+        self.preemption_seen = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
+
+    def on_test_batch_end(self, batch, logs=None):
+        self.watchdog.beat()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.watchdog.beat()
+        every, step = self.config.checkpoint_every_steps, self.skipped + batch + 1
+        if step >= self.steps:
+            return  # the epoch's own checkpoint follows
+        if every and step % every == 0:
+            self._report({"epoch": self.epoch, "step": step}, epoch=self.epoch, step=step)
+        elif step % self.config.preemption_check_steps == 0 and self._preempted():
+            # A node of this run is being drained (the pod's preStop hook on a Kubernetes
+            # eviction): checkpoint now, while every worker is still here, and keep training.
+            self._report({"epoch": self.epoch, "step": step, "preemption": True}, epoch=self.epoch, step=step)
+            if self.is_chief:
+                print(f"preemption notice: checkpoint saved at epoch {self.epoch + 1} step {step}", flush=True)
+
+    def _preempted(self) -> bool:
+        """True once per preemption notice; a barrier every worker reaches at the same step."""
+        import ray.train
+        notice = ray.train.get_preemption_info()
+        if notice is None or notice == self.preemption_seen:
+            return False
+        self.preemption_seen = notice
+        return True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+        self.epoch_started = self.train_ended = time.time()
+
+    def on_test_begin(self, logs=None):
+        self.train_ended = time.time()  # validation is not training throughput
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.time()
+        train_seconds = (self.train_ended if self.train_ended > self.epoch_started else now) - self.epoch_started
+        steps_run = self.steps - self.skipped
+        record = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()},
+                  "images_per_second": steps_run * self.config.batch_size / train_seconds,
+                  "seconds": now - self.epoch_started}
+        self.skipped = 0
+        self.history.append(record)
+        self._report(record, epoch=epoch + 1, step=0)
+        if self.is_chief:
+            print(format_epoch(record, self.config.epochs), flush=True)
+
+    def _report(self, metrics, *, epoch, step):
+        import ray.train
+        checkpoint = None
+        if self.is_chief:
+            checkpoint = save_checkpoint(self.model, {"epoch": epoch, "step": step, "history": self.history})
+        self.watchdog.beat()
+        ray.train.report(metrics, checkpoint=checkpoint)  # waits for every worker and the upload
+        self.watchdog.beat()
+        if checkpoint is not None:
+            shutil.rmtree(checkpoint.path, ignore_errors=True)  # Ray has persisted its copy
+
+
+def format_epoch(record: dict, epochs: int) -> str:
+    parts = [f"epoch {record['epoch']}/{epochs}"]
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        if key in record:
+            parts.append(f"{key} {record[key]:.4f}")
+    parts.append(f"{record['images_per_second']:.0f} img/s")
+    parts.append(f"{record['seconds']:.1f}s")
+    return "  ".join(parts)
+
+
+# ----------------------------------------------------------------------------- the run's artifacts
+
+def write_run(staging, config, splits, settings, trained, progress, replicas, steps_per_epoch, started_at,
+              finished_training) -> None:
+    """Evaluate on the test set and publish model, metrics, curves and config (chief only)."""
+    if storage.run_state(config.output, config.run_name) == "complete":
+        # A restart after the publish (exactly once: the published run is never replaced), which
+        # may have been stopped before it moved latest.json.
+        result = storage.finish_publish(config.output, config.run_name, promote_if_better=config.promote_if_better)
+        print(result.message, flush=True)
+        return
+    from job import models
+
+    # A plain copy of the trained weights, outside the strategy: evaluating and saving it needs
+    # no collective with the other workers, and it is exactly what users will load.
+    model = models.build(config.model, model_input_shape(config), len(splits.class_names))
+    model.set_weights(trained.get_weights())
+    # Saved uncompiled: an inference artifact without optimizer state (that lives in the
+    # checkpoints), so loading it warns about nothing and it is a third of Adam's size.
+    model.save(os.path.join(staging, "model.keras"))
+    models.export_for_serving(model, os.path.join(staging, "saved_model", "1"))  # TF Serving's layout
+
+    models.compile_for_training(model, config.learning_rate)
+    test, finish_test = splits.test(settings)
+    test_metrics = model.evaluate(test, verbose=0, return_dict=True)
+    finish_test()
+    history = progress.history
+    plot_history(history, os.path.join(staging, "training_curves.png"))
+    with open(os.path.join(staging, "config.yaml"), "w", encoding="utf-8") as handle:
+        handle.write(config.to_yaml())
+    trained_epochs = history[1:] or history  # the first epoch pays for tracing and warm-up
+    metrics = {
+        "run_name": config.run_name,
+        "model": config.model,
+        "dataset": config.dataset,
+        **{f"test_{name}": float(value) for name, value in test_metrics.items()},
+        "images_per_second": sum(r["images_per_second"] for r in trained_epochs) / len(trained_epochs),
+        "wall_time_seconds": time.time() - started_at,
+        # command start -> first step; none when this attempt resumed after the last epoch
+        "startup_seconds": progress.first_step_at - started_at if progress.first_step_at else None,
+        "workers": config.workers,
+        "replicas": replicas,
+        "global_batch": config.batch_size,
+        "per_replica_batch": config.batch_size // replicas,
+        "steps_per_epoch": steps_per_epoch,
+        "history": history,
+        "attempts": records.attempt_history(config),
+        "class_names": splits.class_names,
+        "data": {"location": splits.location, "fingerprint": splits.fingerprint, "counts": splits.counts,
+                 "bad_images": records.bad_images(config)},
+        "started_at": started_at,
+        "training_finished_at": finished_training,
+        "config": config.to_dict(),
+        "packages": package_versions(),
+    }
+    with open(os.path.join(staging, "metrics.json"), "w", encoding="utf-8") as handle:
+        json.dump(metrics, handle, indent=2)
+    result = storage.publish(staging, config.output, config.run_name, promote_if_better=config.promote_if_better,
+                             manifest_extra={
+                                 "metrics": {k: v for k, v in metrics.items() if k.startswith("test_")},
+                                 **{k: metrics[k] for k in ("data", "packages", "started_at", "class_names", "model")}})
+    print(result.message, flush=True)
+
+
+def plot_history(history: list[dict], path: str) -> None:
+    # The Figure API without pyplot: no global figure state, so it can draw on any thread.
+    from matplotlib.figure import Figure
+
+    epochs = [r["epoch"] for r in history]
+    figure = Figure(figsize=(10, 4))
+    for axis, metric in zip(figure.subplots(1, 2), ("loss", "accuracy")):
+        for prefix, label in (("", "training"), ("val_", "validation")):
+            if prefix + metric in history[0]:
+                axis.plot(epochs, [r[prefix + metric] for r in history], marker="o", label=label)
+        axis.set_xlabel("epoch")
+        axis.set_title(metric)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
