@@ -74,7 +74,7 @@ def input_rate(data: str, layout: str, threads: int, batches: int, server) -> tu
     config = Config(dataset=layout, data=data, model="alexnet", workers=1, batch_size=BATCH,
                     cpus_per_worker=threads).validate()
     splits = load(config)
-    settings = InputSettings(global_batch=BATCH, steps_per_epoch=splits.counts["train"] // BATCH, epochs=1000,
+    settings = InputSettings(global_batch=BATCH, steps_per_epoch=splits.counts["train"] // BATCH,
                              seed=0, augment=True, input_shape=(224, 224, 3), cpus=threads,
                              on_bad=lambda image, reason: None)
     context = tf.distribute.InputContext(num_input_pipelines=1, input_pipeline_id=0, num_replicas_in_sync=1)

@@ -41,7 +41,7 @@ class Splits:
         from job.data import pipeline
         return pipeline.training(
             self.train_images, self.train_labels, context, global_batch=settings.global_batch,
-            steps_per_epoch=settings.steps_per_epoch, epochs=settings.epochs, seed=settings.seed,
+            steps_per_epoch=settings.steps_per_epoch, seed=settings.seed,
             augment=settings.augment, input_shape=settings.input_shape, cpus=settings.cpus,
             first_epoch=first_epoch, skip_steps=skip_steps)
 
@@ -104,7 +104,6 @@ class InputSettings:
 
     global_batch: int
     steps_per_epoch: int
-    epochs: int
     seed: int
     augment: bool
     input_shape: tuple

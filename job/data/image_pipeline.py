@@ -244,8 +244,8 @@ def training(data, context, settings, *, first_epoch: int = 0, skip_steps: int =
         return training_image(image, settings.input_shape, tf.stack([base_seed, seq]),
                               augment=settings.augment, color_jitter=data.color_jitter)
 
-    return _batched(_dataset(stream), data.dataset.layout, prepare, settings.input_shape[2], bad,
-                    per_replica, drop_remainder=True, cpus=settings.cpus)
+    return pipeline.endless(_batched(_dataset(stream), data.dataset.layout, prepare, settings.input_shape[2], bad,
+                                     per_replica, drop_remainder=True, cpus=settings.cpus))
 
 
 def evaluation(data, context, settings):

@@ -4,7 +4,7 @@ Sharding: every worker draws the same global permutation of the training set for
 (seeded by seed and epoch) and takes every P-th index from position p, where P is the number of
 input pipelines (workers) and p this worker's. Shards of one epoch are therefore disjoint, and
 the data differs between epochs. Each pipeline yields exactly steps x local replicas batches an
-epoch, so no worker runs out early and hangs the collectives.
+epoch and never ends, so no worker runs out early and hangs the collectives.
 """
 
 from __future__ import annotations
@@ -32,21 +32,27 @@ def epoch_indices(num_examples: int, *, epoch: int, seed: int, pipeline: int, pi
     return shard[:count]
 
 
-def training(images, labels, context, *, global_batch: int, steps_per_epoch: int, epochs: int,
-             seed: int, augment: bool, input_shape, cpus: int, first_epoch: int = 0, skip_steps: int = 0):
-    """Batches of (images float32 in [0, 1], labels) for this worker, epochs first_epoch..epochs-1.
+def training(images, labels, context, *, global_batch: int, steps_per_epoch: int, seed: int, augment: bool,
+             input_shape, cpus: int, first_epoch: int = 0, skip_steps: int = 0):
+    """Batches of (images float32 in [0, 1], labels) for this worker, from epoch first_epoch on.
 
+    Endless, like every training input here: training reads the steps it needs. Of an input that
+    may end, MultiWorkerMirroredStrategy asks before every step of a multi-worker run whether
+    each worker still has data (one more all-reduce a step); of an infinite one it does not.
     `skip_steps` drops the first steps of `first_epoch` (done before a mid-epoch checkpoint), so
     a resumed run sees exactly the batches the uninterrupted run would have seen.
     """
     per_replica = context.get_per_replica_batch_size(global_batch)
     local_replicas = context.num_replicas_in_sync // context.num_input_pipelines
     per_epoch = steps_per_epoch * local_replicas * per_replica
-    indices = np.concatenate([
-        epoch_indices(len(labels), epoch=epoch, seed=seed, pipeline=context.input_pipeline_id,
-                      pipelines=context.num_input_pipelines, count=per_epoch)
-        for epoch in range(first_epoch, epochs)])[skip_steps * local_replicas * per_replica:]
-    dataset = tf.data.Dataset.from_tensor_slices(indices.astype(np.int64))
+
+    def shard_of(epoch):
+        return epoch_indices(len(labels), epoch=int(epoch), seed=seed, pipeline=context.input_pipeline_id,
+                             pipelines=context.num_input_pipelines, count=per_epoch).astype(np.int64)
+
+    epochs = tf.data.Dataset.counter(first_epoch).map(
+        lambda epoch: tf.ensure_shape(tf.numpy_function(shard_of, [epoch], tf.int64), [per_epoch]))
+    dataset = epochs.unbatch().skip(skip_steps * local_replicas * per_replica)
     dataset = dataset.batch(per_replica, drop_remainder=True).enumerate()
     images, labels = tf.constant(images), tf.constant(labels)
     # The augmentation's randomness is a pure function of (seed, pipeline, batch number), so a
@@ -75,6 +81,11 @@ def evaluation(images, labels, context, *, global_batch: int, input_shape, cpus:
     dataset = dataset.map(lambda x, y: (to_model_input(x, input_shape), y),
                           num_parallel_calls=tf.data.AUTOTUNE).cache().repeat()
     return finish(dataset, cpus)
+
+
+def endless(stream):
+    """A dataset read from an endless generator, declared infinite to tf.data (see training)."""
+    return stream.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
 
 
 def finish(dataset, cpus: int):

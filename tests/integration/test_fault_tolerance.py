@@ -237,7 +237,7 @@ def test_a_killed_driver_resumes_from_s3_when_run_again_and_publishes_once(
     # Running it once more neither trains nor publishes again.
     before = client.head_object(Bucket=bucket, Key="team/runs/driver-killed/manifest.json")["ETag"]
     rerun = run_cli(*args)
-    assert rerun.returncode == 0 and "already complete" in rerun.stdout
+    assert rerun.returncode == 0 and "not training it again" in rerun.stdout
     assert client.head_object(Bucket=bucket, Key="team/runs/driver-killed/manifest.json")["ETag"] == before
 
 

@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 from support import write_image_folder
 
+from job import tfenv
 from job.config import Config
 from job.data import InputSettings, load, sources
 from job.errors import DataError
+
+tf, _ = tfenv.tensorflow()
 
 SHAPE = (64, 64, 3)  # small crops keep these tests fast; the 224 path is the integration test's
 
@@ -23,13 +26,12 @@ def splits_of(root, **options):
 
 
 def settings(bad=None, **overrides):
-    values = dict(global_batch=4, steps_per_epoch=3, epochs=2, seed=0, augment=True, input_shape=SHAPE, cpus=1,
+    values = dict(global_batch=4, steps_per_epoch=3, seed=0, augment=True, input_shape=SHAPE, cpus=1,
                   on_bad=lambda image, reason: bad.append((image, reason)) if bad is not None else None)
     return InputSettings(**{**values, **overrides})
 
 
 def context(pipeline):
-    from job.data.image_pipeline import tf
     return tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline, num_replicas_in_sync=2)
 
 
@@ -69,7 +71,9 @@ def test_each_worker_reads_its_own_disjoint_share_of_the_files_every_epoch(folde
     per_epoch = 3 * 2  # steps x per-replica batch
     seen = {}
     for pipeline in (0, 1):
-        got = batches(splits.training(context(pipeline), settings(augment=False)), 2 * 3)
+        training = splits.training(context(pipeline), settings(augment=False))
+        assert training.cardinality() == tf.data.INFINITE_CARDINALITY  # endless, and declared so
+        got = batches(training, 2 * 3)
         images = np.concatenate([b[0] for b in got])
         seen[pipeline] = [fingerprints(images[:per_epoch]), fingerprints(images[per_epoch:])]
         assert images.shape[1:] == SHAPE and 0 <= images.min() and images.max() <= 1
@@ -114,7 +118,7 @@ def test_bad_images_are_skipped_named_and_counted_without_a_short_batch(folder, 
     splits = splits_of(root)
     bad = []
     steps = 28 // 2 // 2  # each worker's 14 files of an epoch, in batches of 2: every file is read
-    got = [batches(splits.training(context(p), settings(bad, steps_per_epoch=steps, epochs=1)), steps)
+    got = [batches(splits.training(context(p), settings(bad, steps_per_epoch=steps)), steps)
            for p in (0, 1)]
     assert all(len(g) == steps and all(len(labels) == 2 for _, labels in g) for g in got)
     # Each worker names a bad image once; past the epoch's end the other may meet it too.
@@ -134,7 +138,7 @@ def test_bad_images_fail_the_run_when_asked_and_name_the_file(folder, tmp_path):
 
     with pytest.raises(Exception, match=f"bad image {root}/train/3/garbage.png"):
         for p in (0, 1):
-            batches(splits.training(context(p), settings(on_bad=fail, steps_per_epoch=6, epochs=1)), 12)
+            batches(splits.training(context(p), settings(on_bad=fail, steps_per_epoch=6)), 12)
 
 
 def test_evaluation_is_a_centre_crop_of_every_val_image_once(folder):
@@ -175,7 +179,9 @@ def test_tfrecord_workers_read_disjoint_shards_and_resume_exactly(packed):
     splits = load(Config(dataset="tfrecord", data=str(packed), workers=2, batch_size=4, augment=False).validate())
     shares = []
     for pipeline in (0, 1):  # 2 shards of 6 records each: 6 steps of 2 is one pass over them
-        got = batches(splits.training(context(pipeline), settings(augment=False, steps_per_epoch=6)), 6)
+        training = splits.training(context(pipeline), settings(augment=False, steps_per_epoch=6))
+        assert training.cardinality() == tf.data.INFINITE_CARDINALITY
+        got = batches(training, 6)
         shares.append(fingerprints(np.concatenate([images for images, _ in got])))
     assert len(shares[0]) == len(shares[1]) == 12 and not shares[0] & shares[1]
     whole = batches(splits.training(context(0), settings(steps_per_epoch=6)), 9)
