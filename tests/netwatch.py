@@ -5,6 +5,8 @@ import threading
 
 import psutil
 
+KERNEL_NAME_LENGTH = 15  # TASK_COMM_LEN - 1
+
 
 def is_loopback(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%")[0])
@@ -44,6 +46,13 @@ class LoopbackWatch:
             self.sample()
             self._stop.wait(self.interval)
 
+    def _is_allowed(self, name: str) -> bool:
+        # The kernel keeps 15 characters of a process name; psutil restores the rest from the
+        # command line only when that still begins with them, which a process retitling itself
+        # (Ray workers do, per task) may not at the moment of the read.
+        truncated = len(name) == KERNEL_NAME_LENGTH
+        return name.startswith(self.allowed) or (truncated and any(p.startswith(name) for p in self.allowed))
+
     def sample(self):
         try:
             root = psutil.Process(self.root_pid)
@@ -65,7 +74,7 @@ class LoopbackWatch:
                 peer = f"{conn.raddr.ip}:{conn.raddr.port}" if conn.raddr else conn.status
                 record = f"{process.pid} {name}: {conn.laddr.ip}:{conn.laddr.port} -> {peer}"
                 wildcard = ipaddress.ip_address(conn.laddr.ip.split("%")[0]).is_unspecified
-                if not conn.raddr and wildcard and name.startswith(self.allowed):
+                if not conn.raddr and wildcard and self._is_allowed(name):
                     self.wildcard_listeners.add(record)
                 else:
                     self.violations.add(record)

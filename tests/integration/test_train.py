@@ -17,9 +17,10 @@ from job.data import mnist
 pytestmark = pytest.mark.integration
 
 TRAIN_LIMIT, TEST_LIMIT, EPOCHS = 6000, 2000, 2
-# TensorFlow's collective-ops gRPC server (MultiWorkerMirroredStrategy) binds "0.0.0.0:<port>",
-# a literal in its grpc_server_lib with no setting to change it. It runs inside the Ray Train
-# worker processes; every other server and every connection must be loopback.
+# TensorFlow's collective-ops gRPC server (MultiWorkerMirroredStrategy) binds the wildcard
+# address ("0.0.0.0" or "::"), a literal in its grpc_server_lib with no setting to change it. It
+# runs inside the Ray Train worker processes; every other server and every connection must be
+# loopback.
 TF_COLLECTIVE_SERVERS = ("ray::RayTrainWorker",)
 
 

@@ -30,6 +30,12 @@ def test_a_wildcard_listener_in_a_child_is_a_violation():
         child.kill()
 
 
+def test_an_allowed_name_matches_when_the_kernel_has_cut_it_to_15_characters():
+    watch = LoopbackWatch(os.getpid(), wildcard_listeners_allowed=("ray::RayTrainWorker",))
+    assert watch._is_allowed("ray::RayTrainWorker.run") and watch._is_allowed("ray::RayTrainWo")
+    assert not watch._is_allowed("ray::RayTrainXx") and not watch._is_allowed("ray::RayTrain") and not watch._is_allowed("python")
+
+
 def test_a_loopback_listener_is_fine():
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
