@@ -18,7 +18,7 @@ With --store-core the S3 server runs on the last core and the reader on the othe
 store is on other machines: the server's work then neither slows the reader nor inflates its CPU
 time (cache and scheduler effects of sharing cores), and the model rate is still measured on all.
 
-    uv run python bench/input_pipeline.py [--images 1500] [--repeats 3] [--threads 2] [--gpu-rate 20000] [--store-core]
+    uv run python bench/input_pipeline.py [--images 1500] [--repeats 10] [--threads 2] [--gpu-rate 20000] [--store-core]
 """
 
 from __future__ import annotations
@@ -124,7 +124,8 @@ def model_rate(threads: int, steps: int = 6) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=1500, help="images in the dataset (a tenth are val)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds of each source")
+    parser.add_argument("--repeats", type=int, default=10,
+                        help="timed rounds of each source (fewer leave the ratios to this machine's noise)")
     parser.add_argument("--batches", type=int, default=20, help=f"batches of {BATCH} timed per round")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="tf.data threads (cores) for the input")
     parser.add_argument("--gpu-rate", type=float, default=20000,
