@@ -5,6 +5,7 @@ the chief (rank 0) only: the final evaluation, the run's artifacts and their pub
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -34,6 +35,13 @@ def train_worker(loop_config: dict) -> None:
     tfenv.limit_threads(config.cpus_per_worker)
     tf, keras = tfenv.tensorflow()
     tf.get_logger().setLevel("ERROR")  # per-step collective INFO lines would drown the progress
+    # Ray Train's worker-side INFO lines repeat, per report and per worker, what the progress
+    # line says (the metrics dict, the checkpoint's path): 3 lines an epoch for 2 workers. The
+    # controller's INFO (worker group started, failure policy decisions) stays. The report line
+    # comes from a logger Ray 2.60 names after its file, outside "ray.train".
+    from ray.train.v2._internal.execution import context as ray_train_context
+    for worker_log in (logging.getLogger("ray.train"), ray_train_context.logger):
+        worker_log.setLevel(logging.WARNING)
     for gpu in tf.config.list_physical_devices("GPU"):
         tf.config.experimental.set_memory_growth(gpu, True)  # share the GPU with the input pipeline
     from job import models
