@@ -40,6 +40,10 @@ LOCAL_RAY_ENV = {
     "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
     **RAY_NODE_ENV,
 }
+# Ray Train's preemption watcher waits for a worker's node to be drained, which the one-node
+# cluster the command starts itself (no --address) never is; starting it also puts a Ray
+# core_worker error line ("constructor arguments in the object store") into every local run.
+OWN_CLUSTER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 # Read by the Train controller, which Ray Train gives the driver's values of these.
 CONTROLLER_ENV = {
     # The controller polls its workers this often (Ray's default is 2 s); a finished run is
@@ -57,7 +61,7 @@ def run(config, splits, *, started_at: float) -> dict:
         # Ray reads these when it is imported. A loopback --address needs them as well: Ray
         # would otherwise rewrite 127.0.0.1 to the machine's external address and dial that.
         os.environ.update(LOCAL_RAY_ENV)
-    for name, value in CONTROLLER_ENV.items():
+    for name, value in {**CONTROLLER_ENV, **({} if config.address else OWN_CLUSTER_ENV)}.items():
         os.environ.setdefault(name, value)
     import ray
 
