@@ -111,9 +111,12 @@ def test_the_schedule_pod_command_runs_with_its_token_and_the_role_suffices(e2e,
             process.kill()
     assert process.returncode == 0, (out, err)
     assert f"submitted RayJob {name}" in out and "deleted 2" in out, out
-    left = [j["metadata"]["name"] for j in custom.list_namespaced_custom_object(
-        "ray.io", "v1", NS, "rayjobs", label_selector=f"alexnet-job/schedule={FULLNAME}")["items"]]
-    assert left == [name]
+    # A delete is accepted before the object is gone (KubeRay's finalizer runs first): wait for it.
+    def left():
+        return [j["metadata"]["name"] for j in custom.list_namespaced_custom_object(
+            "ray.io", "v1", NS, "rayjobs", label_selector=f"alexnet-job/schedule={FULLNAME}")["items"]]
+    wait_until("the two older RayJobs to be gone", lambda: left() == [name], timeout=30)
+    assert left() == [name]
 
 
 ALLOWED = [("create", "rayjobs"), ("get", "rayjobs"), ("list", "rayjobs"), ("watch", "rayjobs"), ("delete", "rayjobs")]
