@@ -275,7 +275,18 @@ def test_racing_publishers_forced_interleaving(s3_server, bucket, tmp_path, monk
     storage.publish(make_run(tmp_path / "base"), output, "base", manifest_extra=extra())
     barrier = threading.Barrier(2, timeout=60)
     reads = {"older": 0, "newer": 0}
-    real_read, real_write_if = storage._read_latest, storage._S3Store.write_if
+    real_read, real_write_if, real_manifest = storage._read_latest, storage._S3Store.write_if, storage._new_manifest
+    # The order is forced by events, not by sleeps, which a loaded machine can outrun: "older" is
+    # stamped published_at first, and writes latest.json only after "newer" has.
+    older_stamped, newer_wrote = threading.Event(), threading.Event()
+
+    def new_manifest(*args, **kwargs):
+        if threading.current_thread().name == "newer":
+            older_stamped.wait(60)
+        manifest = real_manifest(*args, **kwargs)
+        if threading.current_thread().name == "older":
+            older_stamped.set()
+        return manifest
 
     def read_latest(store):
         current = real_read(store)
@@ -287,21 +298,24 @@ def test_racing_publishers_forced_interleaving(s3_server, bucket, tmp_path, monk
 
     def write_if(self, key, data, tag):
         if threading.current_thread().name == "older":
-            time.sleep(1.0)
-        return real_write_if(self, key, data, tag)
+            newer_wrote.wait(60)
+            return real_write_if(self, key, data, tag)
+        written = real_write_if(self, key, data, tag)
+        newer_wrote.set()
+        return written
 
+    monkeypatch.setattr(storage, "_new_manifest", new_manifest)
     monkeypatch.setattr(storage, "_read_latest", read_latest)
     monkeypatch.setattr(storage._S3Store, "write_if", write_if)
     results, errors = {}, []
 
-    def go(name, delay):
-        time.sleep(delay)
+    def go(name):
         try:
             results[name] = storage.publish(make_run(tmp_path / name), output, name, manifest_extra=extra())
         except Exception as exc:  # reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=go, args=a, name=a[0]) for a in (("older", 0.0), ("newer", 0.3))]
+    threads = [threading.Thread(target=go, args=(name,), name=name) for name in ("older", "newer")]
     for t in threads:
         t.start()
     for t in threads:
