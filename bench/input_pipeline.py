@@ -2,7 +2,8 @@
 
 Makes an ImageNet-like dataset (JPEGs of random smooth content, 300-500 px a side, ~100 KB,
 ImageNet's typical size), puts it on a local SeaweedFS server (127.0.0.1, tests/s3server.py)
-and on local disk, packs both into TFRecord shards, and times, interleaved round after round,
+and on local disk, packs both into TFRecord shards, and times, interleaved round after round
+(every other round in reverse order),
 one worker's real training input (job.data.image_pipeline: read ahead, decode, resize to 256,
 random 224 crop, flip, scale) for each source:
 
@@ -10,7 +11,8 @@ random 224 crop, flip, scale) for each source:
 
 It reports images/s, the CPU seconds each image costs (user + system time of this process,
 reader threads included; and the S3 server's own, which on this machine shares the same
-cores), images/s per core from those, the ratios S3 / disk (wall clock and per core), the rate at which the 224 AlexNet consumes
+cores), images/s per core from those, the ratios S3 / disk (wall clock and per core: of the medians,
+and the median of each round's pair), the rate at which the 224 AlexNet consumes
 images on this machine (a training step on one CPU worker), and from the CPU cost per image
 the cores needed to feed an H100-class GPU at AlexNet speed (--gpu-rate).
 
@@ -160,8 +162,12 @@ def main() -> None:
             rates: dict[str, list[float]] = {name: [] for name in sources}
             costs: dict[str, list[float]] = {name: [] for name in sources}
             server_costs: dict[str, list[float]] = {name: [] for name in sources}
-            for _ in range(args.repeats):
-                for name, (data, layout) in sources.items():
+            for round_number in range(args.repeats):
+                # Every other round in reverse order, so that a machine slowing down or speeding
+                # up during a round does not favour the sources timed first.
+                names = list(sources)[::-1 if round_number % 2 else 1]
+                for name in names:
+                    data, layout = sources[name]
                     rate, cost, server_cost = input_rate(data, layout, args.threads, args.batches, server)
                     rates[name].append(rate)
                     costs[name].append(cost)
@@ -183,9 +189,13 @@ def main() -> None:
                   f"{1 / (cost[name] + server_cost[name]):>14.0f}")
         for layout in ("imagefolder", "tfrecord"):
             s3, disk = f"{layout}-s3", f"{layout}-disk"
+            # Each round times the two sources within seconds of each other: the ratio of a pair
+            # leaves out the drift between rounds that the ratio of the medians still carries.
+            paired = [d / c for d, c in zip(costs[disk], costs[s3])]
             print(f"{layout}: S3 / disk = {median[s3] / median[disk]:.2f} wall clock, "
-                  f"{cost[disk] / cost[s3]:.2f} per core of the reader (target >= 0.9); the server "
-                  f"took {server_cost[s3] * 1e3:.2f} CPU ms per image "
+                  f"{cost[disk] / cost[s3]:.2f} per core of the reader (target >= 0.9); per core, "
+                  f"round by round: median {statistics.median(paired):.2f}, {min(paired):.2f}-{max(paired):.2f}; "
+                  f"the server took {server_cost[s3] * 1e3:.2f} CPU ms per image "
                   f"{'on its own core' if args.store_core else f'of the same {len(all_cpus)} cores'}")
         for name in ("imagefolder-s3", "tfrecord-s3"):
             print(f"AlexNet 224 training consumes {consumed:.1f} images/s on {args.threads} cores here: "
