@@ -3,18 +3,17 @@
 Makes an ImageNet-like dataset (JPEGs of random smooth content, 300-500 px a side, ~100 KB,
 ImageNet's typical size), puts it on a local SeaweedFS server (127.0.0.1, tests/s3server.py)
 and on local disk, packs both into TFRecord shards, and times, interleaved round after round
-(every other round in reverse order),
-one worker's real training input (job.data.image_pipeline: read ahead, decode, resize to 256,
-random 224 crop, flip, scale) for each source:
+(every other round in reverse order), one worker's real training input (job.data.image_pipeline:
+read ahead, decode, resize to 256, random 224 crop, flip, scale) for each source:
 
     imagefolder-disk   imagefolder-s3   tfrecord-disk   tfrecord-s3
 
 It reports images/s, the CPU seconds each image costs (user + system time of this process,
 reader threads included; and the S3 server's own, which on this machine shares the same
-cores), images/s per core from those, the ratios S3 / disk (wall clock and per core: of the medians,
-and the median of each round's pair), the rate at which the 224 AlexNet consumes
-images on this machine (a training step on one CPU worker), and from the CPU cost per image
-the cores needed to feed an H100-class GPU at AlexNet speed (--gpu-rate).
+cores), images/s per core from those, the ratios S3 / disk (wall clock and per core: of the
+medians, and the median of each round's pair), the rate at which the 224 AlexNet consumes images
+on this machine (a training step on one CPU worker), and from the CPU cost per image the cores
+needed to feed an H100-class GPU at AlexNet speed (--gpu-rate).
 
 With --store-core the S3 server runs on the last core and the reader on the others, as when the
 store is on other machines: the server's work then neither slows the reader nor inflates its CPU

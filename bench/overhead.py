@@ -37,8 +37,9 @@ def main() -> None:
             startup.append(metrics["startup_seconds"])
             shutdown.append(metrics["exited_at"] - metrics["training_finished_at"])
             bare.append(bare_trainer(workers))
-        rows.append((f"{workers} worker(s)", f"{statistics.median(startup):.1f}", f"{statistics.median(shutdown):.1f}",
-                     f"{statistics.median(bare):.1f}", f"{statistics.median(startup) / statistics.median(bare):.2f}",
+        start, bare_start = statistics.median(startup), statistics.median(bare)
+        rows.append((f"{workers} worker(s)", f"{start:.1f}", f"{statistics.median(shutdown):.1f}",
+                     f"{bare_start:.1f}", f"{start / bare_start:.2f}",
                      " / ".join(f"{s:.1f}" for s in startup), " / ".join(f"{s:.1f}" for s in shutdown),
                      " / ".join(f"{s:.1f}" for s in bare)))
     print(f"\n2c) fixed overhead, median of {args.rounds} runs (targets: start <= 10 s, end <= 5 s)")
