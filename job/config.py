@@ -41,7 +41,9 @@ class Config:
     model: str = option("alexnet-mnist", "network: " + ", ".join(MODELS))
     input_shape: list[int] | None = option(None, "model input H,W,C (default: the model's own)")
     num_classes: int | None = option(None, "output classes (default: the dataset's)")
-    mixed_precision: str = option("off", "GPU compute dtype: off, bf16 or fp16 (softmax and loss stay float32)")
+    mixed_precision: str = option(
+        "off", "compute dtype: off, bf16 (GPUs, and CPUs with AVX512_BF16 or AMX) or fp16 (GPUs); softmax, "
+        "loss and weights stay float32")
     # data
     dataset: str = option("mnist", "dataset: " + ", ".join(DATASETS))
     data: str | None = option(

@@ -333,6 +333,7 @@ def write_run(staging, config, splits, settings, trained, progress, replicas, st
         "replicas": replicas,
         "global_batch": config.batch_size,
         "per_replica_batch": config.batch_size // replicas,
+        "compute_dtype": trained.layers[0].compute_dtype,  # what --mixed-precision made of it
         "steps_per_epoch": steps_per_epoch,
         "history": history,
         "attempts": records.attempt_history(config),
