@@ -6,13 +6,11 @@ and the float32 softmax and loss must hold, and the published model must be a fl
 """
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from support import ROOT
+from support import run_cli
 from job.data import mnist
 
 pytestmark = pytest.mark.integration
@@ -23,10 +21,8 @@ TRAIN_LIMIT, TEST_LIMIT = 3000, 1000
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, mnist_dir):
     output = tmp_path_factory.mktemp("output")
-    result = subprocess.run([sys.executable, "-m", "job.cli", "train", "--data", str(mnist_dir), "--workers", "2",
-                             "--epochs", "2", "--train-limit", str(TRAIN_LIMIT), "--test-limit", str(TEST_LIMIT),
-                             "--mixed-precision", "bf16", "--output", str(output), "--run-name", "it-bf16"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+    result = run_cli("train", "--data", mnist_dir, "--workers", 2, "--epochs", 2, "--train-limit", TRAIN_LIMIT,
+                     "--test-limit", TEST_LIMIT, "--mixed-precision", "bf16", "--output", output, "--run-name", "it-bf16")
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = output / "runs" / "it-bf16"
     return {"run_dir": run_dir, "metrics": json.loads((run_dir / "metrics.json").read_text())}
