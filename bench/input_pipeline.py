@@ -11,8 +11,10 @@ read ahead, decode, resize to 256, random 224 crop, flip, scale) for each source
 It reports images/s, the CPU seconds each image costs (user + system time of this process,
 reader threads included; and the S3 server's own, which on this machine shares the same
 cores), images/s per core from those, the ratios S3 / disk (wall clock and per core: of the
-medians, and the median of each round's pair), the rate at which the 224 AlexNet consumes images
-on this machine (a training step on one CPU worker), and from the CPU cost per image the cores
+medians, and the median of each round's pair), what fetching alone (the pipeline's Reader over
+the class folders, no decoding) costs per image from disk and from S3, to set the GET's own cost
+beside what the S3 source costs more inside the pipeline, the rate at which the 224 AlexNet
+consumes images on this machine (a training step on one CPU worker), and from the CPU cost per image the cores
 needed to feed an H100-class GPU at AlexNet speed (--gpu-rate).
 
 With --store-core the S3 server runs on the last core and the reader on the others, as when the
@@ -91,6 +93,27 @@ def input_rate(data: str, layout: str, threads: int, batches: int, server) -> tu
     return images / seconds, cpu / images, server_cpu / images
 
 
+def fetch_cost(data: str) -> float:
+    """CPU seconds per image of fetching alone, without decoding: the pipeline's own Reader (its
+    thread pool, its readahead) over every train image once."""
+    from job.config import Config
+    from job.data import load, sources
+
+    splits = load(Config(dataset="imagefolder", data=data, model="alexnet", workers=1).validate())
+    reader = sources.Reader(splits.dataset.root, readahead=splits.readahead)
+    files = splits.dataset.files["train"]
+    try:
+        for _ in reader.read_ahead(files[:splits.readahead]):  # warm-up: threads and connections
+            pass
+        cpu = _cpu_seconds()
+        for *_, data_read in reader.read_ahead(files):
+            if isinstance(data_read, str):
+                raise SystemExit(f"reading {data}: {data_read}")
+        return (_cpu_seconds() - cpu) / len(files)
+    finally:
+        reader.close()
+
+
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -161,6 +184,7 @@ def main() -> None:
             rates: dict[str, list[float]] = {name: [] for name in sources}
             costs: dict[str, list[float]] = {name: [] for name in sources}
             server_costs: dict[str, list[float]] = {name: [] for name in sources}
+            fetch_costs: dict[str, list[float]] = {"imagefolder-disk": [], "imagefolder-s3": []}
             for round_number in range(args.repeats):
                 # Every other round in reverse order, so that a machine slowing down or speeding
                 # up during a round does not favour the sources timed first.
@@ -171,6 +195,8 @@ def main() -> None:
                     rates[name].append(rate)
                     costs[name].append(cost)
                     server_costs[name].append(server_cost)
+                    if name in fetch_costs:
+                        fetch_costs[name].append(fetch_cost(data))
         _pin(os.getpid(), all_cpus)
         consumed = model_rate(args.threads)
 
@@ -196,6 +222,15 @@ def main() -> None:
                   f"round by round: median {statistics.median(paired):.2f}, {min(paired):.2f}-{max(paired):.2f}; "
                   f"the server took {server_cost[s3] * 1e3:.2f} CPU ms per image "
                   f"{'on its own core' if args.store_core else f'of the same {len(all_cpus)} cores'}")
+        # Where the imagefolder gap comes from: what one GET costs the reader more than a local
+        # read when fetching alone, against what the S3 source costs more inside the pipeline.
+        fetch = {name: statistics.median(values) for name, values in fetch_costs.items()}
+        alone = fetch["imagefolder-s3"] - fetch["imagefolder-disk"]
+        inside = cost["imagefolder-s3"] - cost["imagefolder-disk"]
+        print(f"fetching alone (the Reader, no decoding), CPU ms per image: disk {fetch['imagefolder-disk'] * 1e3:.3f}, "
+              f"S3 {fetch['imagefolder-s3'] * 1e3:.3f}: a GET costs the reader {alone * 1e3:.3f} ms more than a "
+              f"local read; inside the pipeline the S3 source costs {inside * 1e3:.3f} ms more per image; at the "
+              f"cost alone the ratio per core would be {cost['imagefolder-disk'] / (cost['imagefolder-disk'] + alone):.2f}")
         for name in ("imagefolder-s3", "tfrecord-s3"):
             print(f"AlexNet 224 training consumes {consumed:.1f} images/s on {args.threads} cores here: "
                   f"{name} supplies {median[name] / consumed:.1f}x that")
