@@ -14,8 +14,8 @@ cores), images/s per core from those, the ratios S3 / disk (wall clock and per c
 medians, and the median of each round's pair), what fetching alone (the pipeline's Reader over
 the class folders, no decoding) costs per image from disk and from S3, to set the GET's own cost
 beside what the S3 source costs more inside the pipeline, the rate at which the 224 AlexNet
-consumes images on this machine (a training step on one CPU worker), and from the CPU cost per image the cores
-needed to feed an H100-class GPU at AlexNet speed (--gpu-rate).
+consumes images on this machine (a training step on one CPU worker), and from the CPU cost per
+image the cores needed to feed an H100-class GPU at AlexNet speed (--gpu-rate).
 
 With --store-core the S3 server runs on the last core and the reader on the others, as when the
 store is on other machines: the server's work then neither slows the reader nor inflates its CPU
