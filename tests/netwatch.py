@@ -21,14 +21,16 @@ class LoopbackWatch:
     A socket listening on a wildcard or external address, or connected to a non-loopback peer,
     is recorded as a violation ("pid name: laddr -> raddr"). Wildcard listeners of processes
     whose name starts with one of `wildcard_listeners_allowed` are recorded apart, in
-    `wildcard_listeners`, so a test can name that exception instead of ignoring it.
+    `wildcard_listeners`, so a test can name that exception instead of ignoring it: one entry
+    per socket ("pid laddr"), holding the record as first seen, because a Ray worker retitles
+    itself per task and the same socket would otherwise count once per title.
     """
 
     def __init__(self, root_pid: int, interval: float = 0.5, wildcard_listeners_allowed: tuple = ()):
         self.root_pid, self.interval = root_pid, interval
         self.allowed = wildcard_listeners_allowed
         self.violations: set[str] = set()
-        self.wildcard_listeners: set[str] = set()
+        self.wildcard_listeners: dict[str, str] = {}
         self.sockets_seen = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -75,6 +77,6 @@ class LoopbackWatch:
                 record = f"{process.pid} {name}: {conn.laddr.ip}:{conn.laddr.port} -> {peer}"
                 wildcard = ipaddress.ip_address(conn.laddr.ip.split("%")[0]).is_unspecified
                 if not conn.raddr and wildcard and self._is_allowed(name):
-                    self.wildcard_listeners.add(record)
+                    self.wildcard_listeners.setdefault(f"{process.pid} {conn.laddr.ip}:{conn.laddr.port}", record)
                 else:
                     self.violations.add(record)

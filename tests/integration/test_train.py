@@ -111,7 +111,7 @@ def test_every_process_of_the_run_stayed_on_loopback(trained):
     assert watch.sockets_seen > 0  # the watch did see the run's sockets
     assert not watch.violations, sorted(watch.violations)
     # The one known exception: one TensorFlow collective server per training worker, at most.
-    assert len(watch.wildcard_listeners) <= 2, sorted(watch.wildcard_listeners)
+    assert len(watch.wildcard_listeners) <= 2, sorted(watch.wildcard_listeners.values())
 
 
 def test_predict_names_the_digits(trained, mnist_dir, tmp_path):

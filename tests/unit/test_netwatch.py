@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import psutil
+
 from netwatch import LoopbackWatch, is_loopback
 
 
@@ -26,6 +28,30 @@ def test_a_wildcard_listener_in_a_child_is_a_violation():
         allowed = LoopbackWatch(child.pid, wildcard_listeners_allowed=("python",))
         allowed.sample()
         assert not allowed.violations and allowed.wildcard_listeners
+    finally:
+        child.kill()
+
+
+def test_a_listener_counts_once_when_its_process_retitles_itself():
+    # Ray workers retitle themselves per task (ray::RayTrainWorker, ray::RayTrainWorker.poll_status):
+    # one socket must stay one allowed listener, not one per title.
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import socket, sys; s = socket.socket(); s.bind(('0.0.0.0', 0)); s.listen();"
+                              "print('bound', flush=True); sys.stdin.readline();"
+                              "open('/proc/self/comm', 'w').write('pyretitled');"
+                              "print('retitled', flush=True); sys.stdin.readline()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        watch = LoopbackWatch(child.pid, wildcard_listeners_allowed=("py",))
+        assert child.stdout.readline() == "bound\n"
+        watch.sample()
+        names_seen = {psutil.Process(child.pid).name()}
+        child.stdin.write("\n"); child.stdin.flush()
+        assert child.stdout.readline() == "retitled\n"
+        watch.sample()
+        names_seen.add(psutil.Process(child.pid).name())
+        assert len(names_seen) == 2, names_seen  # the watch did see two titles
+        assert not watch.violations and len(watch.wildcard_listeners) == 1, watch.wildcard_listeners
     finally:
         child.kill()
 
