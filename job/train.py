@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import socket
 import threading
 import time
 
@@ -197,9 +196,10 @@ def _connect(ray, config) -> None:
     # Logical CPUs: two 1-CPU workers may share one core on a small laptop (slower, not stuck).
     needed_cpus = config.workers * config.cpus_per_worker
     # The dashboard serves the State API that Ray Train's controller polls; it listens on
-    # 127.0.0.1 only.
+    # 127.0.0.1 only. Its port is left to Ray: 8265, or the next free one of 50 if another run
+    # holds it, found at bind time. A port probed free beforehand can be taken by one of the
+    # node's own processes before the dashboard binds it.
     ray.init(num_cpus=max(os.cpu_count() or 1, needed_cpus), include_dashboard=True,
-             dashboard_port=free_loopback_port(),  # 8265 may belong to another run on this machine
              runtime_env=runtime_env, log_to_driver=True)
     have_gpus = ray.cluster_resources().get("GPU", 0)
     if config.workers * config.gpus_per_worker > have_gpus:
@@ -218,12 +218,6 @@ def is_loopback_address(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _last_line(error: Exception) -> str:

@@ -14,12 +14,10 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every node on 127.0.0.1
 from ray._private import ray_constants  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from job.train import free_loopback_port  # noqa: E402
-
 
 def main(worker_nodes: int) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": True, "dashboard_port": free_loopback_port()})
+        "num_cpus": 0, "include_dashboard": True})  # port 8265 or, taken, the next free one
     for _ in range(worker_nodes):
         cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()

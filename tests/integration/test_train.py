@@ -1,6 +1,8 @@
 """A real 2-worker Ray Train run of the MNIST AlexNet, and what it leaves behind."""
 
+import contextlib
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +26,18 @@ TRAIN_LIMIT, TEST_LIMIT, EPOCHS = 6000, 2000, 2
 TF_COLLECTIVE_SERVERS = ("ray::RayTrainWorker",)
 
 
+@contextlib.contextmanager
+def listener_on(port: int):
+    """A loopback listener on `port` for the duration, as another program's would be."""
+    with socket.socket() as holder:
+        try:
+            holder.bind(("127.0.0.1", port))
+            holder.listen()
+        except OSError:  # something on this machine holds it already: the same conflict
+            pass
+        yield
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, mnist_dir):
     """Train once through the real CLI: 2 workers, 2 epochs, 5,400 training images."""
@@ -31,9 +45,11 @@ def trained(tmp_path_factory, mnist_dir):
     command = [sys.executable, "-m", "job.cli", "train", "--data", str(mnist_dir), "--workers", "2",
                "--epochs", str(EPOCHS), "--train-limit", str(TRAIN_LIMIT), "--test-limit", str(TEST_LIMIT),
                "--output", str(output), "--run-name", "it-mnist"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with LoopbackWatch(process.pid, wildcard_listeners_allowed=TF_COLLECTIVE_SERVERS) as watch:
-        stdout, stderr = process.communicate(timeout=900)
+    # Ray's default dashboard port held, as by another run on the machine: this one moves on.
+    with listener_on(8265):
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with LoopbackWatch(process.pid, wildcard_listeners_allowed=TF_COLLECTIVE_SERVERS) as watch:
+            stdout, stderr = process.communicate(timeout=900)
     assert process.returncode == 0, stderr[-3000:]
     run_dir = output / "runs" / "it-mnist"
     metrics = json.loads((run_dir / "metrics.json").read_text())
