@@ -87,6 +87,15 @@ def poll(condition, timeout: float, interval: float, before_each=None):
     raise PollTimeout(last_error)
 
 
+def k8s_version() -> str:
+    """The Kubernetes version every binary is built at: the wrapper module's k8s.io/kubernetes."""
+    for line in (ROOT / "tools" / "control-plane" / "go.mod").read_text().splitlines():
+        fields = line.split()
+        if fields[:1] == ["k8s.io/kubernetes"] and fields[1].startswith("v"):
+            return fields[1]
+    raise ControlPlaneError("no k8s.io/kubernetes version in tools/control-plane/go.mod")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -117,6 +126,15 @@ def openssl(*args: str, cwd: Path) -> None:
         raise ControlPlaneError(f"openssl {' '.join(args[:2])} failed: {result.stderr.strip()}")
 
 
+def sign(pki: Path, name: str, subject: str, extensions: str) -> None:
+    """<name>.key and <name>.crt in `pki`, signed by its CA."""
+    (pki / f"{name}.ext").write_text(extensions)
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject, cwd=pki)
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "7", "-extfile", f"{name}.ext", "-out", f"{name}.crt", cwd=pki)
+
+
 def make_pki(pki: Path) -> None:
     """A CA, the API server's and KWOK's serving certificates, client certificates per identity,
     and the ServiceAccount token signing key."""
@@ -137,11 +155,7 @@ def make_pki(pki: Path) -> None:
         "apiserver-kubelet-client": ("/O=system:masters/CN=kube-apiserver-kubelet-client", client),
     }
     for name, (subject, extensions) in certs.items():
-        (pki / f"{name}.ext").write_text(extensions)
-        openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject, cwd=pki)
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                "-days", "7", "-extfile", f"{name}.ext", "-out", f"{name}.crt", cwd=pki)
+        sign(pki, name, subject, extensions)
     openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
     openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
 
@@ -280,7 +294,8 @@ class ControlPlane:
             "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={self.api_port}",
             f"--tls-cert-file={p / 'apiserver.crt'}", f"--tls-private-key-file={p / 'apiserver.key'}",
             f"--client-ca-file={p / 'ca.crt'}",
-            "--authorization-mode=RBAC",
+            # Node: the real node's kubelet gets exactly a node's rights (system:node:<name>).
+            "--authorization-mode=Node,RBAC",
             f"--service-account-issuer={SA_ISSUER}", f"--api-audiences={SA_ISSUER}",
             f"--service-account-key-file={p / 'sa.pub'}", f"--service-account-signing-key-file={p / 'sa.key'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
@@ -443,14 +458,18 @@ class ControlPlane:
             return all(name in nodes and any(c.type == "Ready" and c.status == "True"
                                              for c in nodes[name].status.conditions or []) for name in names)
         self.wait_for(f"{len(names)} simulated nodes", ready, timeout=120)
-        # The API server taints every new node `not-ready`; the node lifecycle controller, which
-        # would lift it, is off (simulated nodes send no heartbeats). Lift it here.
         for name in names:
-            node = core.read_node(name)
-            taints = [t for t in node.spec.taints or [] if t.key != "node.kubernetes.io/not-ready"]
-            core.patch_node(name, {"spec": {"taints": [{"key": t.key, "value": t.value, "effect": t.effect}
-                                                       for t in taints] or None}})
+            lift_not_ready_taint(core, name)
         return names
+
+
+def lift_not_ready_taint(core, name: str) -> None:
+    """The API server taints every new node `not-ready`; the node lifecycle controller, which
+    would lift it, is off (simulated nodes send no heartbeats). Lift it here, once it is Ready."""
+    node = core.read_node(name)
+    taints = [t for t in node.spec.taints or [] if t.key != "node.kubernetes.io/not-ready"]
+    core.patch_node(name, {"spec": {"taints": [{"key": t.key, "value": t.value, "effect": t.effect}
+                                               for t in taints] or None}})
 
 
 def tail(path: Path, lines: int = 30) -> str:

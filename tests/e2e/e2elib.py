@@ -42,6 +42,10 @@ class E2E:
     plane: ControlPlane
     tools: Path
     watches: list[LoopbackWatch] = field(default_factory=list)
+    docker: object = None       # image.Docker: the session's Docker engine
+    image: object = None        # image.Built: the project's image, built from the Dockerfile
+    node: object = None         # node.Node: the real node (kubelet, containerd) running it
+    host_before: object = None  # node.HostState before anything started
 
     @property
     def kubeconfig(self) -> Path:

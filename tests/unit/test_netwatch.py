@@ -72,3 +72,33 @@ def test_a_loopback_listener_is_fine():
         assert watch.sockets_seen >= 1 and not watch.violations
     finally:
         server.close()
+
+
+def test_a_network_of_the_tests_own_is_allowed_and_no_other():
+    watch = LoopbackWatch(os.getpid(), networks=("10.213.77.0/24",))
+    assert watch._ok("10.213.77.1") and watch._ok("10.213.77.254") and watch._ok("127.0.0.1")
+    assert not watch._ok("10.213.78.1") and not watch._ok("192.0.2.2") and not watch._ok("0.0.0.0")
+    assert not LoopbackWatch(os.getpid())._ok("10.213.77.1")
+
+
+def test_sockets_in_another_network_namespace_are_seen():
+    # A pod's processes live in a network namespace of their own, whose sockets are not in the
+    # watcher's /proc/net tables: the watch reads that process's own tables.
+    child = subprocess.Popen(["unshare", "--net", sys.executable, "-c",
+                              "import socket, sys; l = socket.socket(); l.bind(('0.0.0.0', 4321)); l.listen();"
+                              "t = socket.socket(); t.bind(('127.0.0.1', 4322)); t.listen();"
+                              "print('bound', flush=True); sys.stdin.readline()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "bound\n"
+        pid = next(p.pid for p in [psutil.Process(child.pid), *psutil.Process(child.pid).children(recursive=True)]
+                   if p.name().startswith("python"))
+        watch = LoopbackWatch(pid)
+        watch.sample()
+        assert watch.sockets_seen == 2, watch.sockets_seen
+        assert [v for v in watch.violations if ":4321 -> LISTEN" in v] and not [v for v in watch.violations if "4322" in v]
+        pod_network = LoopbackWatch(pid, networks=("10.213.77.0/24",))
+        pod_network.sample()
+        assert pod_network.sockets_seen == 2 and not pod_network.violations
+    finally:
+        child.kill()
