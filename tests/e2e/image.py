@@ -20,6 +20,7 @@ containers run with `--network none`.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -54,6 +55,33 @@ MACHINE_CAS = Path("/usr/local/share/ca-certificates")
 FIXED_STATE_PATHS = ("/opt/containerd", "/run/containerd", "/var/lib/containerd", "/var/lib/docker", "/run/docker",
                      "/etc/docker", "/var/lib/kubelet", "/var/log/containers", "/var/log/pods", "/var/lib/cni",
                      "/var/run/netns", "/etc/cni", "/opt/cni")
+
+
+class CacheLock:
+    """An exclusive lock on one of the cache's stores (Docker's data root, containerd's root),
+    which one daemon at a time may use: a second test session waits for the first."""
+
+    def __init__(self, store: Path, timeout: float = 1800):
+        self.path, self.timeout, self.handle = store.with_name(store.name + ".lock"), timeout, None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = self.path.open("w")
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    self.release()
+                    raise ImageError(f"{self.path} is held by another test session for over {self.timeout:.0f} s")
+                time.sleep(1)
+
+    def release(self) -> None:
+        if self.handle:
+            self.handle.close()  # closing drops the lock
+            self.handle = None
 
 
 def absent_state_paths() -> list[str]:
@@ -155,6 +183,7 @@ class Docker:
         self.data_root = CACHE / "docker"
         self.process: subprocess.Popen | None = None
         self.log = workdir / "dockerd.log"
+        self.lock = CacheLock(self.data_root)
 
     def env(self) -> dict:
         return {**os.environ, "DOCKER_HOST": f"unix://{self.socket}", "DOCKER_BUILDKIT": "0",
@@ -162,6 +191,7 @@ class Docker:
 
     def start(self) -> "Docker":
         ensure_packages()
+        self.lock.acquire()
         self.absent_before = absent_state_paths()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.data_root.mkdir(parents=True, exist_ok=True)
@@ -197,6 +227,7 @@ class Docker:
         unmount_below(self.workdir / "docker-exec")
         unmount_below(self.data_root)
         remove_created(getattr(self, "absent_before", []))
+        self.lock.release()
 
     def pid(self) -> int:
         return self.process.pid

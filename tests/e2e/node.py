@@ -34,7 +34,7 @@ import yaml
 
 from controlplane import (ControlPlane, ControlPlaneError, PollTimeout, free_port, kubeconfig,
                           lift_not_ready_taint, poll, sign, tail)
-from image import CACHE, FIXED_STATE_PATHS, Docker, absent_state_paths, remove_created, unmount_below
+from image import CACHE, FIXED_STATE_PATHS, CacheLock, Docker, absent_state_paths, remove_created, unmount_below
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 BRIDGE = "alexnetjob0"
@@ -152,6 +152,7 @@ class Node:
         self.kubelet_port, self.healthz_port = free_port(), free_port()
         self.socket = self.workdir / "containerd.sock"
         self.containerd_root = CACHE / "containerd"  # kept between runs: the imported image
+        self.lock = CacheLock(self.containerd_root)
         self.cgroups_made: list[Path] = []
         self.rules: list[list[str]] = []
         self.bridge_made = False
@@ -209,17 +210,13 @@ class Node:
         # jumping to them; remove whatever it added.
         for command, before in getattr(self, "iptables_before", {}).items():
             remove_added_iptables(command, before)
-        # iptables-nft made the tables themselves (filter, nat, mangle) on first use: now empty.
-        for table in nft_tables() - getattr(self, "nft_tables_before", nft_tables()):
-            listing = subprocess.run(["nft", "list", "table", *table.split()], capture_output=True, text=True).stdout
-            rules = [line for line in listing.splitlines() if line.startswith("\t\t") and "type " not in line]
-            if not rules:
-                subprocess.run(["nft", "delete", "table", *table.split()], capture_output=True)
+        remove_added_nft_tables(getattr(self, "nft_tables_before", nft_tables()))
         if self.bridge_made:
             subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True)
             self.bridge_made = False
         unmount_below(self.workdir)
         remove_created(getattr(self, "absent_before", []))
+        self.lock.release()
 
     # -- pieces
 
@@ -289,6 +286,7 @@ class Node:
                                  "io.containerd.snapshotter.v1.devmapper", "io.containerd.tracing.processor.v1.otlp"],
             "plugins": {"io.containerd.grpc.v1.cri": cri},
         }))
+        self.lock.acquire()
         self.containerd_root.mkdir(parents=True, exist_ok=True)
         # A mount namespace of its own: private mounts, and the host-wide sysctls masked by files.
         masks = self.workdir / "sysctl-masks"
@@ -500,6 +498,16 @@ def nft_tables() -> set[str]:
     """The kernel's nftables tables, as "family name" (iptables-nft keeps its tables there)."""
     out = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
     return {line.removeprefix("table ").strip() for line in out.splitlines() if line.startswith("table ")}
+
+
+def remove_added_nft_tables(before: set[str]) -> None:
+    """iptables-nft makes its tables (filter, nat, mangle) on first use; delete those that did not
+    exist `before` and hold no rule now."""
+    for table in nft_tables() - before:
+        listing = subprocess.run(["nft", "list", "table", *table.split()], capture_output=True, text=True).stdout
+        rules = [line for line in listing.splitlines() if line.startswith("\t\t") and "type " not in line]
+        if not rules:
+            subprocess.run(["nft", "delete", "table", *table.split()], capture_output=True)
 
 
 def remove_added_iptables(command: str, before: dict) -> None:

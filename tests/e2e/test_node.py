@@ -19,7 +19,9 @@ VALUES = CHART.parents[1] / "tests" / "e2e" / "values-real-node.yaml"
 NAMESPACE = "real-node"
 PROBE = """\
 echo uid=$(id -u) gid=$(id -g)
-if touch /probe 2>/dev/null; then echo rootfs=writable; else echo rootfs=read-only; fi
+# /home/app is the app user's own: only a read-only root filesystem stops the write.
+if touch /home/app/probe 2>/tmp/touch.err; then echo rootfs=writable
+elif grep -q "Read-only file system" /tmp/touch.err; then echo rootfs=read-only; else echo rootfs=denied; fi
 if touch /tmp/probe 2>/dev/null; then echo tmp=writable; else echo tmp=read-only; fi
 grep -E '^(CapEff|CapPrm|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status | tr -d '\\t' | tr : =
 echo ready
@@ -151,3 +153,39 @@ except OSError as error:
     core.delete_namespaced_service("web", NAMESPACE)
     for pod in ("web", "client"):
         core.delete_namespaced_pod(pod, NAMESPACE, grace_period_seconds=0)
+
+
+def test_the_teardown_check_sees_what_a_node_leaves_behind(tmp_path):
+    """HostState.diff, which the last e2e test holds the node's teardown to, does report an
+    interface, an iptables chain and rule, a cgroup and a state path left behind; and the
+    teardown's iptables clean-up removes a chain added since its snapshot."""
+    from node import CGROUP_V1, HostState, iptables_rules, nft_tables, remove_added_iptables, remove_added_nft_tables
+    before = HostState.snapshot()
+    iptables_before, tables_before = iptables_rules("iptables"), nft_tables()
+    cgroup = CGROUP_V1 / "pids" / "alexnet-job-e2e-probe"
+    made = []
+    try:
+        subprocess.run(["ip", "link", "add", "alexnetprobe0", "type", "bridge"], check=True)
+        made.append("link")
+        subprocess.run(["iptables", "-N", "ALEXNET-PROBE"], check=True)
+        subprocess.run(["iptables", "-A", "ALEXNET-PROBE", "-s", "10.213.99.0/24", "-j", "DROP"], check=True)
+        made.append("chain")
+        cgroup.mkdir()
+        after = HostState.snapshot()
+        found = "\n".join(before.diff(after))
+        assert "interfaces: added alexnetprobe0" in found
+        assert "chain filter ALEXNET-PROBE" in found and "rule filter -A ALEXNET-PROBE -s 10.213.99.0/24" in found
+        assert f"cgroups: added {cgroup}" in found
+        remove_added_iptables("iptables", iptables_before)
+        remove_added_nft_tables(tables_before)
+        assert "ALEXNET-PROBE" not in "\n".join(before.diff(HostState.snapshot()))
+    finally:
+        if cgroup.exists():
+            cgroup.rmdir()
+        if "chain" in made:
+            subprocess.run(["iptables", "-F", "ALEXNET-PROBE"], capture_output=True)
+            subprocess.run(["iptables", "-X", "ALEXNET-PROBE"], capture_output=True)
+        if "link" in made:
+            subprocess.run(["ip", "link", "delete", "alexnetprobe0"], check=True)
+    # (Only what this test made: the node's pods may come and go meanwhile.)
+    assert [line for line in before.diff(HostState.snapshot()) if "probe" in line.lower()] == []
