@@ -1,5 +1,5 @@
 """The Dockerfile: linted by the real hadolint, its pins agree with pyproject.toml, uv.lock and the
-chart, and its build context holds exactly what it copies. (tests/e2e/test_image.py builds and runs it.)
+chart, and its build context holds exactly what it copies. (tests/e2e/test_built_image.py builds and runs it.)
 """
 
 from __future__ import annotations

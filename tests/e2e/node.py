@@ -37,12 +37,13 @@ from controlplane import (ControlPlane, ControlPlaneError, PollTimeout, free_por
 from image import CACHE, FIXED_STATE_PATHS, CacheLock, Docker, absent_state_paths, remove_created, unmount_below
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
-BRIDGE = "alexnetjob0"
+# Names of this session's own (two sessions on one machine must not share a bridge or cgroup).
+BRIDGE = f"alexnetjob{os.getpid() % 100000}"   # at most 15 characters
 POD_SUBNETS = ("10.213.77.0/24", "10.213.78.0/24", "172.29.213.0/24")  # the first free one
-CGROUP_ROOT = "/alexnet-job-e2e"
+CGROUP_ROOT = f"/alexnet-job-e2e-{os.getpid()}"
 CGROUP_V1 = Path("/sys/fs/cgroup")
 PAUSE_IMAGE = "docker.io/library/alexnet-job-test-pause:1"
-RULE_COMMENT = "alexnet-job-e2e"
+RULE_COMMENT = f"alexnet-job-e2e-{os.getpid()}"
 # The real node is tainted, so that only pods meant for it (tolerating this) go there: the other
 # e2e tests expect their pods on KWOK's simulated nodes.
 TAINT = {"key": "alexnet-job.e2e/node", "value": "real", "effect": "NoSchedule"}
