@@ -62,13 +62,13 @@ def weed_binary() -> str:
     return found
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on loopback (held open together so they differ)."""
+def _free_ports(n: int, host: str = HOST) -> list[int]:
+    """n distinct free TCP ports on `host` (held open together so they differ)."""
     socks = []
     try:
         for _ in range(n):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
+            s.bind((host, 0))
             socks.append(s)
         return [s.getsockname()[1] for s in socks]
     finally:
@@ -97,20 +97,22 @@ class S3Server:
     """One `weed mini` process with its own data directory, ports and credentials.
 
     tls=True serves S3 over HTTPS only to clients that trust a CA made for the occasion
-    (`ca_bundle`; also in `env` as AWS_CA_BUNDLE); `endpoint` is then the https one."""
+    (`ca_bundle`; also in `env` as AWS_CA_BUNDLE); `endpoint` is then the https one. `host` is
+    loopback unless a test's own network must reach it (the e2e node's pod bridge)."""
 
-    def __init__(self, workdir: str | Path | None = None, tls: bool = False):
+    def __init__(self, workdir: str | Path | None = None, tls: bool = False, host: str = HOST):
         # A short path: the server puts unix sockets in it (108-byte limit on socket paths).
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="weed-"))
         names = [*_PORT_FLAGS.values(), *(["s3_https"] if tls else [])]
-        self.ports = dict(zip(names, _free_ports(len(names))))
+        self.host = host
+        self.ports = dict(zip(names, _free_ports(len(names), host)))
         self.tls = tls
         self.ca_bundle: str | None = None
         self.access_key = "test-" + secrets.token_hex(8)
         self.secret_key = secrets.token_hex(20)
         self.region = REGION
-        self.endpoint = f"https://{HOST}:{self.ports['s3_https']}" if tls else f"http://{HOST}:{self.ports['s3']}"
+        self.endpoint = f"https://{host}:{self.ports['s3_https']}" if tls else f"http://{host}:{self.ports['s3']}"
         self.process: subprocess.Popen | None = None
         self._log = None
         self._closed = False
@@ -178,7 +180,7 @@ class S3Server:
         args = [
             weed_binary(), "mini",
             f"-dir={self.workdir / 'data'}",
-            f"-ip={HOST}", f"-ip.bind={HOST}",
+            f"-ip={self.host}", f"-ip.bind={self.host}",
             "-master.telemetry=false",
             "-webdav=false", "-admin.ui=false",
             "-s3.port.iceberg=0", "-s3.port.lance=0",

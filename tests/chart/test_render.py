@@ -9,6 +9,7 @@ validated strictly as a core PodTemplate.
 
 from __future__ import annotations
 
+import json
 from functools import cache
 
 import jsonschema
@@ -161,3 +162,24 @@ def test_worker_pods_drain_their_ray_node_before_kubernetes_stops_them(render, c
             assert f"--deadline-remaining-seconds {grace - 5}" in script and f"sleep {grace - 10}" in script, where
         head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
         assert "lifecycle" not in head, where  # the head runs no training worker
+
+
+def test_the_submitter_is_placed_as_the_head_is(helm):
+    """A node pool whose nodes are all tainted (or picked by a selector) must take the RayJob's
+    submitter pod too, or the job never starts: it gets the head's nodeSelector, tolerations and
+    affinity. (Found on the e2e layer's real node, which is tainted.)"""
+    placement = {"nodeSelector": {"pool": "training"},
+                 "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+                 "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                     {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}}}
+    args = [arg for key, value in placement.items() for arg in ("--set-json", f"head.{key}={json.dumps(value)}")]
+    result = helm("template", "placed", str(CHART), "--namespace", "training", *args)
+    assert result.returncode == 0, result.stderr
+    ((_, spec),) = rayjob_specs([doc for doc in yaml.safe_load_all(result.stdout) if doc])
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    submitter = spec["submitterPodTemplate"]["spec"]
+    for key, value in placement.items():
+        assert head[key] == value and submitter[key] == value, key
+    plain = helm("template", "plain", str(CHART), "--namespace", "training")
+    ((_, spec),) = rayjob_specs([doc for doc in yaml.safe_load_all(plain.stdout) if doc])
+    assert not {"nodeSelector", "tolerations", "affinity"} & set(spec["submitterPodTemplate"]["spec"])

@@ -50,7 +50,9 @@ def e2e(tmp_path_factory):
         plane.add_nodes(cpu_nodes=CPU_NODES, gpu_nodes=GPU_NODES, gpus_per_node=GPUS_PER_NODE)
         TIMINGS["control plane start"] = time.monotonic() - t
         t = time.monotonic()
-        node = Node(plane, workdir / "node", [image.tag, image.inputs_tag], docker, pod_network, on_spawn=watch).start()
+        # 4 CPUs advertised: the chart's two 1-CPU workers, its head and submitter fit (node.py says how).
+        node = Node(plane, workdir / "node", [image.tag, image.inputs_tag], docker, pod_network, on_spawn=watch,
+                    advertised_cpus=4).start()
         # The pods: processes under containerd's shims, in network namespaces of their own.
         watches.append(LoopbackWatch(node.processes["containerd"].pid, interval=0.5, networks=(str(pod_network),),
                                      more_roots=node.shim_pids).__enter__())

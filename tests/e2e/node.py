@@ -77,14 +77,13 @@ class HostState:
         for command in ("iptables", "ip6tables"):
             iptables[command] = sorted(f"{kind} {table} {entry}" for table, (chains, rules) in iptables_rules(command).items()
                                        for kind, entries in (("chain", chains), ("rule", rules)) for entry in entries)
-        links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
-        interfaces = sorted(line.split(":")[1].strip().split("@")[0] for line in links.splitlines())
+        interfaces_now = interfaces()
         mounts = sorted(line.split()[1] for line in Path("/proc/mounts").read_text().splitlines())
         cgroups = sorted(str(p) for hierarchy in CGROUP_V1.iterdir() if hierarchy.is_dir()
                          for p in hierarchy.iterdir() if p.is_dir())
         paths = {p: Path(p).exists() for p in FIXED_STATE_PATHS}
         processes = {p.pid for p in _processes()}
-        return HostState(sysctls, iptables, interfaces, mounts, cgroups, paths, processes)
+        return HostState(sysctls, iptables, interfaces_now, mounts, cgroups, paths, processes)
 
     def diff(self, after: "HostState") -> list[str]:
         """What differs in `after`, one line per difference (processes: new ones still running)."""
@@ -106,6 +105,11 @@ class HostState:
                 found.append(f"path {path}: {'existed' if existed else 'absent'} before, "
                              f"{'exists' if after.paths[path] else 'gone'} now")
         return found
+
+
+def interfaces() -> list[str]:
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    return sorted(line.split(":")[1].strip().split("@")[0] for line in links.splitlines())
 
 
 def _processes():
@@ -142,6 +146,11 @@ class Node:
     docker: Docker
     subnet: ipaddress.IPv4Network
     name: str = "node-real-0"
+    # CPUs the node advertises. None: the machine's. More lets a test schedule what the chart
+    # makes for a cluster (two 1-CPU workers, a head and a submitter) on a 2-core machine: the
+    # kubelet's cAdvisor counts /sys/devices/system/cpu/cpu<N>, which its own mount namespace
+    # replaces (NUMA nodes hidden, so that count is taken). CPU limits still hold per container.
+    advertised_cpus: int | None = None
     processes: dict = field(default_factory=dict)   # name -> Popen
     timings: dict = field(default_factory=dict)
     on_spawn: object = None
@@ -215,6 +224,12 @@ class Node:
         if self.bridge_made:
             subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True)
             self.bridge_made = False
+        # A pod's veth goes when the kernel destroys its network namespace, which it does in the
+        # background, seconds after the last process and mount holding it are gone.
+        try:
+            poll(lambda: not set(interfaces()) - set(getattr(self, "interfaces_before", interfaces())), 60, 0.5)
+        except PollTimeout:
+            pass  # the teardown check names what is left
         unmount_below(self.workdir)
         remove_created(getattr(self, "absent_before", []))
         self.lock.release()
@@ -223,6 +238,7 @@ class Node:
 
     def _network(self) -> None:
         self.absent_before = absent_state_paths()
+        self.interfaces_before = interfaces()
         self.iptables_before = {command: iptables_rules(command) for command in ("iptables", "ip6tables")}
         self.nft_tables_before = nft_tables()
         run(["ip", "link", "add", BRIDGE, "type", "bridge"])
@@ -248,8 +264,13 @@ class Node:
             }],
         }, indent=2))
 
-    def spawn(self, name: str, args: list[str], namespace_of: int | None = None) -> subprocess.Popen:
+    def spawn(self, name: str, args: list[str], namespace_of: int | None = None, setup: list[str] = ()) -> subprocess.Popen:
+        """Start a daemon (in `namespace_of`'s mount namespace, or a child of it where `setup`
+        mounts something for it alone)."""
         log = (self.workdir / f"{name}.log").open("ab")
+        if setup:
+            args = ["unshare", "--mount", "--propagation", "unchanged", "sh", "-c",
+                    "\n".join(["set -e", *setup, 'exec "$@"']), "sh", *args]
         if namespace_of:
             args = ["nsenter", f"--mount=/proc/{namespace_of}/ns/mnt", "--", *args]
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -298,6 +319,11 @@ class Node:
             mask = masks / name.replace("/", ".")
             mask.write_text(source.read_text())
             script.append(f"mount --bind {mask} {source}")
+        # The kubelet's root dir is shared between containerd's namespace and the kubelet's own
+        # (nested) one, so that the volumes it mounts there reach the containers.
+        kubelet_root = self.workdir / "kubelet"
+        kubelet_root.mkdir(exist_ok=True)
+        script += [f"mount --bind {kubelet_root} {kubelet_root}", f"mount --make-shared {kubelet_root}"]
         script.append(f'exec containerd --config {config}')
         process = self.spawn("containerd", ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                                             "\n".join(script)])
@@ -419,7 +445,17 @@ cluster.local:53 {{
             f"--hostname-override={self.name}", f"--node-ip={self.address}",
             f"--root-dir={self.workdir / 'kubelet'}", f"--cert-dir={self.workdir / 'kubelet-pki'}",
             f"--node-labels={LABEL[0]}={LABEL[1]}", "--v=1",
-        ], namespace_of=self.namespace_pid)
+        ], namespace_of=self.namespace_pid, setup=self._cpu_masks())
+
+    def _cpu_masks(self) -> list[str]:
+        if not self.advertised_cpus:
+            return []
+        fake = self.workdir / "sysfs-cpu"
+        for i in range(self.advertised_cpus):
+            (fake / "cpu" / f"cpu{i}").mkdir(parents=True, exist_ok=True)
+        (fake / "node").mkdir(exist_ok=True)
+        return [f"mount --bind {fake / 'node'} /sys/devices/system/node",
+                f"mount --bind {fake / 'cpu'} /sys/devices/system/cpu"]
 
     def _wait_ready(self) -> None:
         from kubernetes import client

@@ -173,7 +173,8 @@ activeDeadlineSeconds: {{ . }}
 {{- end }}
 backoffLimit: {{ $v.job.backoffLimit }}
 # A separate submitter pod runs `ray job submit` against the head's dashboard (KubeRay fills in
-# its command). It needs neither the API, nor S3, nor the config.
+# its command). It needs neither the API, nor S3, nor the config. It is placed as the head is: a
+# pool whose nodes are all tainted or selected must take it too.
 submissionMode: K8sJobMode
 submitterConfig:
   backoffLimit: {{ $v.job.submitter.backoffLimit }}
@@ -197,6 +198,18 @@ submitterPodTemplate:
     {{- end }}
     securityContext:
       {{- include "alexnet-train.podSecurityContext" $root | nindent 6 }}
+    {{- with $v.head.nodeSelector }}
+    nodeSelector:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- with $v.head.tolerations }}
+    tolerations:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- with $v.head.affinity }}
+    affinity:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
     containers:
       - name: ray-job-submitter
         {{- include "alexnet-train.image" $root | nindent 8 }}

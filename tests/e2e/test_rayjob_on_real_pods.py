@@ -1,0 +1,104 @@
+"""The users' main path on real pods: `alexnet-job submit --wait` with a values file for the real
+node; KubeRay makes a Ray head and two worker pods from the image, the submitter pod runs the
+chart's entrypoint, the two Ray Train workers train in different pods and the chief publishes the
+run to a SeaweedFS on the pod bridge. Then `status`, `logs`, `wait`, `list`, `runs list` and
+`predict` work on it as the README says."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from e2elib import CHART
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: s3server, netwatch, support
+from netwatch import LoopbackWatch  # noqa: E402
+from s3server import S3Server  # noqa: E402
+from support import write_digit_pngs  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+VALUES = CHART.parents[1] / "tests" / "e2e" / "values-real-node.yaml"
+NS = "train-real"
+NAME = "real"
+RAYJOB = f"{NAME}-alexnet-train"
+
+
+@pytest.fixture(scope="module")
+def trained(e2e, tmp_path_factory):
+    """One submitted run, trained on the real node and published to S3 on the pod bridge."""
+    from kubernetes import client
+    s3 = S3Server(tmp_path_factory.mktemp("s3-bridge"), host=e2e.node.address)
+    s3.start()
+    watch = LoopbackWatch(s3.process.pid, interval=0.5, networks=(str(e2e.node.subnet),)).__enter__()
+    try:
+        bucket = s3.create_bucket("models")
+        e2e.namespace(NS)
+        client.CoreV1Api(e2e.api()).create_namespaced_secret(NS, {
+            "metadata": {"name": "s3"},
+            "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}})
+        submit = e2e.cli("submit", "-n", NS, "--name", NAME, "-f", VALUES, "--set", f"s3.endpoint={s3.endpoint}",
+                         "--set", f"s3.bucket={bucket}", "--set", "s3.existingSecret=s3", "--wait", timeout=900)
+        yield {"s3": s3, "bucket": bucket, "submit": submit, "watch": watch}
+    finally:
+        e2e.cli("cancel", RAYJOB, "-n", NS)
+        watch.__exit__(None, None, None)
+        s3.close()
+
+
+def test_submit_waits_for_a_job_that_trains_on_real_pods_and_publishes(e2e, trained):
+    submit = trained["submit"]
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    assert f"{RAYJOB}: Complete job SUCCEEDED, workers 2/2 ready" in submit.stdout, submit.stdout
+    from kubernetes import client
+    pods = client.CoreV1Api(e2e.api()).list_namespaced_pod(NS).items
+    assert {p.spec.node_name for p in pods} == {e2e.node.name}, "every pod of the job ran on the real node"
+
+
+def test_the_two_ranks_trained_in_different_pods(e2e, trained):
+    from kubernetes import client
+    logs = e2e.cli("logs", RAYJOB, "-n", NS)
+    assert logs.returncode == 0, logs.stderr
+    pods = client.CoreV1Api(e2e.api()).list_namespaced_pod(NS, label_selector="ray.io/node-type=worker").items
+    worker_ips = {p.status.pod_ip for p in pods}
+    assert len(worker_ips) == 2, worker_ips
+    # Ray prefixes a remote worker's output with its node's address.
+    train_worker_ips = set(re.findall(r"\(RayTrainWorker pid=\d+, ip=([\d.]+)\)", logs.stdout))
+    assert train_worker_ips == worker_ips, (train_worker_ips, worker_ips, logs.stdout[-3000:])
+
+
+def test_status_wait_and_list_see_the_finished_job(e2e, trained):
+    status = e2e.cli("status", RAYJOB, "-n", NS, "--output", "json")
+    assert status.returncode == 0, status.stderr
+    info = json.loads(status.stdout)
+    assert (info["job_deployment_status"], info["job_status"]) == ("Complete", "SUCCEEDED"), info
+    assert e2e.cli("wait", RAYJOB, "-n", NS).returncode == 0
+    listing = e2e.cli("list", "-n", NS)
+    assert listing.returncode == 0 and RAYJOB in listing.stdout, listing.stdout + listing.stderr
+
+
+def test_the_published_run_is_listed_and_predicts(e2e, trained, tmp_path, mnist_dir):
+    s3, bucket = trained["s3"], trained["bucket"]
+    env = e2e.env(**s3.env)
+    import subprocess
+    runs = subprocess.run([sys.executable, "-m", "job.cli", "runs", "list", f"s3://{bucket}", "--output", "json"],
+                          capture_output=True, text=True, env=env, cwd=CHART.parents[1], timeout=120)
+    assert runs.returncode == 0, runs.stderr
+    listed = {run["run"]: run for run in json.loads(runs.stdout)}
+    assert RAYJOB in listed and listed[RAYJOB]["test_accuracy"] is not None, listed
+    images, _ = write_digit_pngs(mnist_dir, tmp_path, count=2)
+    predict = subprocess.run([sys.executable, "-m", "job.cli", "predict", f"s3://{bucket}/runs/{RAYJOB}",
+                              *map(str, images), "--output", "json"],
+                             capture_output=True, text=True, env=env, cwd=CHART.parents[1], timeout=300)
+    assert predict.returncode == 0, predict.stderr
+    assert len(json.loads(predict.stdout)) == 2
+
+
+def test_the_object_store_was_reached_over_the_pod_bridge_only(trained):
+    watch = trained["watch"]
+    watch.sample()
+    assert watch.sockets_seen > 0 and not watch.violations, watch.violations
