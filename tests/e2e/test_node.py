@@ -86,7 +86,8 @@ def test_the_node_is_a_real_kubelet_of_the_control_planes_version(e2e):
     # The kubelet reports its images with a later status update than its first.
     wanted = f"docker.io/library/{e2e.image.tag}"
     wait_until(f"{wanted} among the node's images", lambda: wanted in {
-        name for image in core.read_node(e2e.node.name).status.images or [] for name in image.names}, timeout=60)
+        name for image in core.read_node(e2e.node.name).status.images or [] for name in image.names or []},
+        timeout=60)
 
 
 def test_a_pod_of_the_chart_runs_there_with_its_security_context_enforced(e2e, rendered):
