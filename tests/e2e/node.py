@@ -171,9 +171,9 @@ class Node:
 
     def start(self) -> "Node":
         try:
-            t = time.monotonic()
             self._network()
             self._start_containerd()
+            t = time.monotonic()
             self._import_images()
             self.timings["images into containerd"] = time.monotonic() - t
             self._start_coredns()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -84,7 +85,6 @@ def test_status_wait_and_list_see_the_finished_job(e2e, trained):
 def test_the_published_run_is_listed_and_predicts(e2e, trained, tmp_path, mnist_dir):
     s3, bucket = trained["s3"], trained["bucket"]
     env = e2e.env(**s3.env)
-    import subprocess
     runs = subprocess.run([sys.executable, "-m", "job.cli", "runs", "list", f"s3://{bucket}", "--output", "json"],
                           capture_output=True, text=True, env=env, cwd=CHART.parents[1], timeout=120)
     assert runs.returncode == 0, runs.stderr
