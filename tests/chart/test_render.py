@@ -164,22 +164,38 @@ def test_worker_pods_drain_their_ray_node_before_kubernetes_stops_them(render, c
         assert "lifecycle" not in head, where  # the head runs no training worker
 
 
-def test_the_submitter_is_placed_as_the_head_is(helm):
+def beside_head_pod_specs(objects: list[dict]) -> dict[str, dict]:
+    """The pod specs of the pods that run beside the head: the submitter of each RayJob the release
+    can create, the schedule's pod and the `helm test` pod."""
+    specs = {f"submitter of {where}": spec["submitterPodTemplate"]["spec"] for where, spec in rayjob_specs(objects)}
+    specs.update({f"CronJob {cron['metadata']['name']}": cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+                  for cron in kinds(objects, "CronJob")})
+    specs.update({f"Pod {pod['metadata']['name']}": pod["spec"] for pod in kinds(objects, "Pod")})
+    return specs
+
+
+@pytest.mark.parametrize("schedule", ["", "0 2 * * *"])
+def test_the_pods_beside_the_head_are_placed_as_the_head_is(helm, schedule):
     """A node pool whose nodes are all tainted (or picked by a selector) must take the RayJob's
-    submitter pod too, or the job never starts: it gets the head's nodeSelector, tolerations and
-    affinity. (Found on the e2e layer's real node, which is tainted.)"""
+    submitter, the schedule's pod and the `helm test` pod too, or they are never scheduled: they
+    get the head's nodeSelector, tolerations and affinity. (Found on the e2e layer's real node,
+    which is tainted: first the submitter, then the schedule's pod.)"""
     placement = {"nodeSelector": {"pool": "training"},
                  "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
                  "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
                      {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}}}
     args = [arg for key, value in placement.items() for arg in ("--set-json", f"head.{key}={json.dumps(value)}")]
-    result = helm("template", "placed", str(CHART), "--namespace", "training", *args)
+    result = helm("template", "placed", str(CHART), "--namespace", "training", "--set", f"schedule={schedule}", *args)
     assert result.returncode == 0, result.stderr
-    ((_, spec),) = rayjob_specs([doc for doc in yaml.safe_load_all(result.stdout) if doc])
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    ((_, spec),) = rayjob_specs(docs)
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
-    submitter = spec["submitterPodTemplate"]["spec"]
+    beside = beside_head_pod_specs(docs)
+    assert len(beside) == (3 if schedule else 2), list(beside)   # submitter, (CronJob,) test pod
     for key, value in placement.items():
-        assert head[key] == value and submitter[key] == value, key
-    plain = helm("template", "plain", str(CHART), "--namespace", "training")
-    ((_, spec),) = rayjob_specs([doc for doc in yaml.safe_load_all(plain.stdout) if doc])
-    assert not {"nodeSelector", "tolerations", "affinity"} & set(spec["submitterPodTemplate"]["spec"])
+        assert head[key] == value, key
+        for pod, pod_spec in beside.items():
+            assert pod_spec.get(key) == value, (pod, key)
+    plain = helm("template", "plain", str(CHART), "--namespace", "training", "--set", f"schedule={schedule}")
+    for pod, pod_spec in beside_head_pod_specs([doc for doc in yaml.safe_load_all(plain.stdout) if doc]).items():
+        assert not {"nodeSelector", "tolerations", "affinity"} & set(pod_spec), pod

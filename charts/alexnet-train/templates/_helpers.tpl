@@ -152,3 +152,21 @@ EnvVar list items. HOME points into the /tmp emptyDir because the root filesyste
   emptyDir:
     sizeLimit: {{ . }}
 {{- end }}
+
+{{/* Placement of the pods that run beside the head (the RayJob's submitter, the schedule's pod,
+     the `helm test` pod): the head's nodeSelector, tolerations and affinity. A pool whose nodes
+     are all tainted or selected must take them too, or they are never scheduled. */}}
+{{- define "alexnet-train.headPlacement" -}}
+{{- with .Values.head.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.head.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.head.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}

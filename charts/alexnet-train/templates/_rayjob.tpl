@@ -157,8 +157,8 @@ The RayJob's spec. Takes (dict "root" $ "scheduled" bool).
 
 Scheduled RayJobs (CronJob or RayCronJob) carry no --run-name: one template makes every run,
 and a fixed name would make the second night return the first night's finished run. The
-CronJob's `alexnet-job submit --generate-name` (a later issue) is expected to name the run after
-the RayJob it creates, so that RayJob's retries resume; under RayCronJob the CLI names the run
+CronJob's `alexnet-job submit --generate-name` names the run after the RayJob it creates, so
+that RayJob's retries resume; under RayCronJob the CLI names the run
 (`<model>-<UTC time>`) when it starts.
 */}}
 {{- define "alexnet-train.rayJobSpec" -}}
@@ -198,17 +198,8 @@ submitterPodTemplate:
     {{- end }}
     securityContext:
       {{- include "alexnet-train.podSecurityContext" $root | nindent 6 }}
-    {{- with $v.head.nodeSelector }}
-    nodeSelector:
-      {{- toYaml . | nindent 6 }}
-    {{- end }}
-    {{- with $v.head.tolerations }}
-    tolerations:
-      {{- toYaml . | nindent 6 }}
-    {{- end }}
-    {{- with $v.head.affinity }}
-    affinity:
-      {{- toYaml . | nindent 6 }}
+    {{- with include "alexnet-train.headPlacement" $root }}
+    {{- . | nindent 4 }}
     {{- end }}
     containers:
       - name: ray-job-submitter
