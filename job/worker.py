@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import time
 from importlib import metadata
+from pathlib import Path
 
 from job import records, storage, tfenv
 from job.data import InputSettings
@@ -237,6 +238,10 @@ class EpochReporter(tfenv.tensorflow()[1].callbacks.Callback):
             self._report({"epoch": self.epoch, "step": step, "preemption": True}, epoch=self.epoch, step=step)
             if self.is_chief:
                 print(f"preemption notice: checkpoint saved at epoch {self.epoch + 1} step {step}", flush=True)
+            # Tell the pod's preStop hook (the chart names the file) that the run is safe, so the
+            # drained pod can go now rather than at the end of its grace period.
+            if marker := os.environ.get("ALEXNET_JOB_PREEMPTION_MARKER"):
+                Path(marker).touch()
 
     def _preempted(self) -> bool:
         """True once per preemption notice; a barrier every worker reaches at the same step."""

@@ -244,11 +244,15 @@ def test_a_killed_driver_resumes_from_s3_when_run_again_and_publishes_once(
 
 
 @pytest.fixture
-def ray_cluster():
-    """A head and three 1-CPU worker nodes on loopback (one spare for the node that goes)."""
+def ray_cluster(tmp_path):
+    """A head and three 1-CPU worker nodes on loopback (one spare for the node that goes), whose
+    training workers mark a preemption checkpoint in info["marker"] as the chart's pods do."""
+    marker = tmp_path / "preemption-checkpoint"
     helper = subprocess.Popen([sys.executable, str(ROOT / "tests" / "integration" / "raycluster.py"), "3"], cwd=ROOT,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "ALEXNET_JOB_PREEMPTION_MARKER": str(marker)})
     info = json.loads(helper.stdout.readline())
+    info["marker"] = marker
     info["command"] = lambda line: (helper.stdin.write(line + "\n"), helper.stdin.flush(), helper.stdout.readline())
     yield info
     helper.stdin.write("shutdown\n")
@@ -274,9 +278,11 @@ def test_a_drained_node_gets_a_checkpoint_before_it_goes(mnist_dir, tmp_path, ra
                            capture_output=True, text=True, timeout=60,
                            env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})  # keep 127.0.0.1 as is
     assert drain.returncode == 0, drain.stderr
+    assert not ray_cluster["marker"].exists()
     wait_for(lambda: (latest_checkpoint(local_snapshot(checkpoints)) or {}).get("preemption"), 120,
              "the just-in-time checkpoint")
     saved_at = latest_checkpoint(local_snapshot(checkpoints))
+    wait_for(ray_cluster["marker"].exists, 30, "the mark that lets the pod's preStop hook end early")
     ray_cluster["command"](f"kill {doomed}")
     finish(process, log)
 

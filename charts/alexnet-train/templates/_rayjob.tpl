@@ -82,6 +82,16 @@ spec:
         # is the point (job/train.py sets the same for a local cluster).
         - name: RAY_worker_niceness
           value: "0"
+        {{- if $group.terminationGracePeriodSeconds }}
+        # Where a training worker marks that its preemption checkpoint is saved (the preStop hook waits for it).
+        - name: ALEXNET_JOB_PREEMPTION_MARKER
+          value: /tmp/alexnet-job-preemption-checkpoint
+        # On SIGTERM `ray start` drains its node again and waits up to this long (Ray's default:
+        # 30 s) for the raylet to go idle, which a training worker never does: the pod would then
+        # outlive the checkpoint by 30 s and keep training. The preStop hook has drained already.
+        - name: RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S
+          value: "0"
+        {{- end }}
         {{- include "alexnet-train.storageEnv" $root | nindent 8 }}
         {{- with $root.Values.extraEnv }}
         {{- toYaml . | nindent 8 }}
@@ -97,8 +107,11 @@ spec:
       {{- with $group.terminationGracePeriodSeconds }}
       # Kubernetes runs this before it sends SIGTERM (an eviction, a spot reclaim, a drain):
       # Ray marks the node as being preempted, every training worker sees it at its next
-      # check (preemption_check_steps) and the run checkpoints while all workers are alive;
-      # the sleep keeps the pod up for that. The run resumes from that checkpoint elsewhere.
+      # check (preemption_check_steps) and the run checkpoints while all workers are alive.
+      # The hook keeps the pod up until the worker here marks that checkpoint saved (then 5 s
+      # more, for Ray Train's controller to collect its report: it polls every 2 s), until no
+      # training worker runs here (an idle or finished cluster goes at once), or for at most
+      # the grace period less 10 s. The run resumes from that checkpoint elsewhere.
       lifecycle:
         preStop:
           exec:
@@ -106,9 +119,14 @@ spec:
               - /bin/sh
               - -c
               - >-
+                rm -f "$ALEXNET_JOB_PREEMPTION_MARKER";
                 ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION
                 --reason-message "Kubernetes is terminating pod $HOSTNAME"
-                --deadline-remaining-seconds {{ sub . 5 }}; sleep {{ sub . 10 }}
+                --deadline-remaining-seconds {{ sub . 5 }};
+                for second in $(seq {{ sub . 10 }}); do
+                if [ -e "$ALEXNET_JOB_PREEMPTION_MARKER" ]; then sleep 5; break; fi;
+                grep -qs '[R]ayTrainWorker' /proc/[0-9]*/cmdline || break;
+                sleep 1; done
       {{- end }}
       volumeMounts:
         # The driver (`alexnet-job train`, started on the head) reads it; mounted on every
