@@ -22,6 +22,7 @@ log tail) when something does not come up; `stop()` ends only the processes it s
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import signal
@@ -40,7 +41,9 @@ CRDS = ROOT.parent / "shared" / "kuberay-crds"
 BUILD_SCRIPT = ROOT / "scripts" / "build-control-plane"
 FETCH_TOOLS = ROOT / "scripts" / "fetch-tools"
 
-SERVICE_CIDR = "127.0.96.0/24"   # the `kubernetes` Service's ClusterIP is 127.0.96.1
+# Without a real node the Services' ClusterIPs lead nowhere (the `kubernetes` one is 127.0.96.1);
+# with one, the node passes a range on its pod bridge (node.service_range) instead.
+SERVICE_CIDR = "127.0.96.0/24"
 POD_CIDR = "127.1.0.1/16"        # KWOK's pod IPs
 KUBELET_IP = "127.0.0.1"         # where KWOK serves the kubelet API (CPU nodes advertise it)
 GPU = "nvidia.com/gpu"
@@ -135,16 +138,19 @@ def sign(pki: Path, name: str, subject: str, extensions: str) -> None:
             "-days", "7", "-extfile", f"{name}.ext", "-out", f"{name}.crt", cwd=pki)
 
 
-def make_pki(pki: Path) -> None:
+def make_pki(pki: Path, api_addresses: tuple[str, ...] = ()) -> None:
     """A CA, the API server's and KWOK's serving certificates, client certificates per identity,
-    and the ServiceAccount token signing key."""
+    and the ServiceAccount token signing key. The API server's certificate also names
+    `api_addresses` (where pods reach it)."""
     pki.mkdir(parents=True, exist_ok=True)
     openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
             "-keyout", "ca.key", "-out", "ca.crt", "-days", "7", "-subj", "/CN=alexnet-job-e2e-ca", cwd=pki)
     serving = "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
+    api_serving = serving.replace("DNS:localhost", ",".join(["DNS:localhost", "DNS:kubernetes.default.svc",
+                                                            *(f"IP:{a}" for a in api_addresses)]))
     client = "extendedKeyUsage=clientAuth\n"
     certs = {  # name: (subject, extensions)
-        "apiserver": ("/CN=kube-apiserver", serving),
+        "apiserver": ("/CN=kube-apiserver", api_serving),
         "kubelet": ("/CN=kwok-kubelet", serving),
         "admin": ("/O=system:masters/CN=e2e-admin", client),
         "controller-manager": ("/CN=system:kube-controller-manager", client),
@@ -195,6 +201,7 @@ class ControlPlane:
     components: list[Component] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     on_spawn: object = None  # called with each started component's pid (e.g. to watch its sockets)
+    service_cidr: str = SERVICE_CIDR
 
     def __post_init__(self):
         self.pki = self.workdir / "pki"
@@ -203,6 +210,8 @@ class ControlPlane:
         self.etcd_port, self.peer_port, self.api_port, self.kubelet_port = (free_port() for _ in range(4))
         self.server = f"https://127.0.0.1:{self.api_port}"
         self.kubeconfig = self.workdir / "admin.kubeconfig"
+        # The API server gives the `kubernetes` Service the range's first address.
+        self.kubernetes_service_ip = str(next(ipaddress.ip_network(self.service_cidr).hosts()))
         self.kwok_logs = self.workdir / "pod-logs"   # what KWOK serves as containers' logs
         self.driver_log = self.kwok_logs / "driver.log"
 
@@ -211,7 +220,7 @@ class ControlPlane:
     def start(self) -> "ControlPlane":
         started = time.monotonic()
         try:
-            make_pki(self.pki)
+            make_pki(self.pki, (self.kubernetes_service_ip,))
             for name in ("admin", "controller-manager", "scheduler", "kwok", "operator"):
                 cfg = kubeconfig(self.server, self.pki / "ca.crt", name, self.pki / f"{name}.crt",
                                  self.pki / f"{name}.key")
@@ -298,7 +307,7 @@ class ControlPlane:
             "--authorization-mode=Node,RBAC",
             f"--service-account-issuer={SA_ISSUER}", f"--api-audiences={SA_ISSUER}",
             f"--service-account-key-file={p / 'sa.pub'}", f"--service-account-signing-key-file={p / 'sa.key'}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            f"--service-cluster-ip-range={self.service_cidr}",
             # No endpoints for the `kubernetes` Service: nothing is ever sent to its ClusterIP.
             "--endpoint-reconciler-type=none",
             # Pod logs: the API server reaches a node's kubelet (KWOK) at its InternalIP, checking
@@ -325,7 +334,7 @@ class ControlPlane:
             "--bind-address=127.0.0.1", "--secure-port=0", "--leader-elect=false",
             "--use-service-account-credentials=true",
             f"--service-account-private-key-file={p / 'sa.key'}", f"--root-ca-file={p / 'ca.crt'}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            f"--service-cluster-ip-range={self.service_cidr}",
             # Simulated nodes: no node lifecycle (taints, evictions) or cloud controllers.
             "--controllers=*,-node-lifecycle-controller,-cloud-node-lifecycle-controller",
             "--concurrent-cron-job-syncs=2", "--v=1",

@@ -1,7 +1,7 @@
 """What the e2e tests share: the E2E handle on the session's control plane, and wait_until.
 
 (A module of its own, not conftest.py: test modules import from it, and `conftest` is a name
-every test directory uses.) The session fixture itself is in conftest.py.
+every test directory uses.) session.py starts the cluster; the session fixture is in conftest.py.
 
 The e2e layer's cluster: one real, loopback-only control plane for the whole session.
 
@@ -50,6 +50,14 @@ class E2E:
     @property
     def kubeconfig(self) -> Path:
         return self.plane.kubeconfig
+
+    def stop(self) -> None:
+        """Stop the watches, then the node, the control plane and the Docker engine, by pid."""
+        for w in self.watches:
+            w.__exit__(None, None, None)
+        self.node.stop()
+        self.plane.stop()
+        self.docker.stop()
 
     def env(self, kubeconfig: Path | None = None, **extra) -> dict:
         """Environment for a host-side command: this cluster's kubeconfig, helm on PATH."""

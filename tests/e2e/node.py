@@ -14,6 +14,13 @@ out: pods get no default route, forwarding stays off, and FORWARD rules drop any
 the bridge and every other interface. The node's InternalIP is the bridge's address, so the API
 server reaches its kubelet (logs, exec) there, and so do pods their host.
 
+Pods reach the API server as in any cluster, through the `kubernetes` Service (in-cluster config:
+KUBERNETES_SERVICE_HOST and the pod's ServiceAccount token). There is no kube-proxy: the control
+plane's service range is the first /28 of the pod subnet (`service_range`), so that Service's
+ClusterIP is the bridge's own address, and a relay in this process forwards that address's
+port 443 to the API server on 127.0.0.1 (TLS passes through; the API server's certificate names
+the address). Other Services' ClusterIPs lead nowhere; KubeRay's head Service is headless.
+
 The machine is left as found: `HostState.snapshot()` before, `HostState.diff()` after, over
 sysctls, iptables rules and chains, interfaces, mounts, cgroups, state directories and processes.
 """
@@ -25,7 +32,9 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +128,64 @@ def _processes():
 
 # ----------------------------------------------------------------------------- the node
 
+def service_range(pod_subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Network:
+    """The control plane's service range: the pod subnet's first /28, so that the `kubernetes`
+    Service's ClusterIP (the range's first address) is the bridge's address. Pod IPs start after it."""
+    return next(pod_subnet.subnets(new_prefix=28))
+
+
+class ApiRelay:
+    """Forwards TCP connections from `listen` to `target` (the `kubernetes` Service's ClusterIP and
+    port to the API server on 127.0.0.1), one pair of pump threads per connection."""
+
+    def __init__(self, listen: tuple[str, int], target: tuple[str, int]):
+        self.target = target
+        self.server = socket.create_server(listen)
+        self.connections: set[socket.socket] = set()
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._accept, name="api-relay", daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return  # closed by stop()
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.connections |= {client, upstream}
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        self.server.close()
+        with self.lock:
+            for connection in self.connections:
+                connection.close()
+            self.connections.clear()
+        self.thread.join(5)
+
+
 def pick_subnet() -> ipaddress.IPv4Network:
     """The first of POD_SUBNETS that no route or address of the machine touches."""
     routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
@@ -166,12 +233,14 @@ class Node:
         self.cgroups_made: list[Path] = []
         self.rules: list[list[str]] = []
         self.bridge_made = False
+        self.relay: ApiRelay | None = None
 
     # -- lifecycle
 
     def start(self) -> "Node":
         try:
             self._network()
+            self._start_api_relay()
             self._start_containerd()
             t = time.monotonic()
             self._import_images()
@@ -191,6 +260,9 @@ class Node:
         trace: leftover container processes, cgroups, the bridge, the rules, state directories."""
         if "kubelet" in self.processes and self.processes["kubelet"].poll() is None:
             self._drain()
+        if self.relay:
+            self.relay.stop()
+            self.relay = None
         for name in ("kubelet", "coredns", "containerd"):
             process = self.processes.pop(name, None)
             if process and process.poll() is None:
@@ -258,11 +330,20 @@ class Node:
             "plugins": [{
                 "type": "bridge", "bridge": BRIDGE, "isGateway": False, "ipMasq": False, "hairpinMode": True,
                 # No routes: a pod reaches the /24 (its peers, the host's bridge address) and nothing else.
-                "ipam": {"type": "host-local", "ranges": [[{"subnet": str(self.subnet), "rangeStart": str(hosts[9]),
+                # Pod IPs start past the service range at the subnet's start.
+                "ipam": {"type": "host-local", "ranges": [[{"subnet": str(self.subnet),
+                                                            "rangeStart": str(hosts[service_range(self.subnet).num_addresses]),
                                                             "rangeEnd": str(hosts[-1])}]],
                          "dataDir": str(cni / "ipam")},
             }],
         }, indent=2))
+
+    def _start_api_relay(self) -> None:
+        if self.plane.kubernetes_service_ip != self.address:
+            raise ControlPlaneError(f"the control plane's service range {self.plane.service_cidr} must be "
+                                    f"service_range({self.subnet}) for pods to reach the API server")
+        api = self.plane.server.rsplit(":", 1)
+        self.relay = ApiRelay((self.address, 443), ("127.0.0.1", int(api[1])))
 
     def spawn(self, name: str, args: list[str], namespace_of: int | None = None, setup: list[str] = ()) -> subprocess.Popen:
         """Start a daemon (in `namespace_of`'s mount namespace, or a child of it where `setup`

@@ -192,3 +192,28 @@ def test_the_teardown_check_sees_what_a_node_leaves_behind(tmp_path):
             subprocess.run(["ip", "link", "delete", "alexnetprobe0"], check=True)
     # (Only what this test made: the node's pods may come and go meanwhile.)
     assert [line for line in before.diff(HostState.snapshot()) if "probe" in line.lower()] == []
+
+
+def test_a_pod_reaches_the_api_server_with_its_serviceaccount_token(e2e, rendered):
+    """In-cluster config, as the schedule's pod uses it: the `kubernetes` Service's address from the
+    kubelet's environment, the projected token and CA. The API server authenticates the pod's
+    ServiceAccount (a SelfSubjectReview needs no role)."""
+    pod = pod_from_template(rendered, "in-cluster", ["sleep", "3600"])
+    pod["spec"]["automountServiceAccountToken"] = True
+    start_pod(e2e, pod)
+    script = """
+import os
+from kubernetes import client, config
+config.load_incluster_config()
+print("host", os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"])
+review = client.AuthenticationV1Api().create_self_subject_review({"apiVersion": "authentication.k8s.io/v1",
+                                                                  "kind": "SelfSubjectReview"})
+print("user", review.status.user_info.username)
+"""
+    out = exec_in(e2e, "in-cluster", "python", "-c", script)
+    lines = dict(line.split(" ", 1) for line in out.strip().splitlines() if " " in line)
+    assert lines.get("host") == f"{e2e.plane.kubernetes_service_ip} 443", out
+    account = rendered["spec"]["serviceAccountName"]
+    assert lines.get("user") == f"system:serviceaccount:{NAMESPACE}:{account}", out
+    from kubernetes import client
+    client.CoreV1Api(e2e.api()).delete_namespaced_pod("in-cluster", NAMESPACE, grace_period_seconds=0)

@@ -10,45 +10,31 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from e2elib import CHART
+from realpods import MODELS, VALUES, bridge_s3
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: s3server, netwatch, support
-from netwatch import LoopbackWatch  # noqa: E402
-from s3server import S3Server  # noqa: E402
+sys.path.insert(0, str(CHART.parents[1] / "tests"))  # support
 from support import write_digit_pngs  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
-VALUES = CHART.parents[1] / "tests" / "e2e" / "values-real-node.yaml"
 NS = "train-real"
 NAME = "real"
 RAYJOB = f"{NAME}-alexnet-train"
 
 
 @pytest.fixture(scope="module")
-def trained(e2e, tmp_path_factory):
+def trained(e2e, tmp_path_factory, mnist_dir):
     """One submitted run, trained on the real node and published to S3 on the pod bridge."""
-    from kubernetes import client
-    s3 = S3Server(tmp_path_factory.mktemp("s3-bridge"), host=e2e.node.address)
-    s3.start()
-    watch = LoopbackWatch(s3.process.pid, interval=0.5, networks=(str(e2e.node.subnet),)).__enter__()
-    try:
-        bucket = s3.create_bucket("models")
-        e2e.namespace(NS)
-        client.CoreV1Api(e2e.api()).create_namespaced_secret(NS, {
-            "metadata": {"name": "s3"},
-            "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}})
-        submit = e2e.cli("submit", "-n", NS, "--name", NAME, "-f", VALUES, "--set", f"s3.endpoint={s3.endpoint}",
-                         "--set", f"s3.bucket={bucket}", "--set", "s3.existingSecret=s3", "--wait", timeout=900)
-        yield {"s3": s3, "bucket": bucket, "submit": submit, "watch": watch}
-    finally:
-        e2e.cli("cancel", RAYJOB, "-n", NS)
-        watch.__exit__(None, None, None)
-        s3.close()
+    with bridge_s3(e2e, tmp_path_factory.mktemp("s3-bridge"), mnist_dir, NS) as (s3, values, watch):
+        try:
+            submit = e2e.cli("submit", "-n", NS, "--name", NAME, "-f", VALUES, *values, "--wait", timeout=900)
+            yield {"s3": s3, "bucket": MODELS, "submit": submit, "watch": watch}
+        finally:
+            e2e.cli("cancel", RAYJOB, "-n", NS)
 
 
 def test_submit_waits_for_a_job_that_trains_on_real_pods_and_publishes(e2e, trained):
