@@ -9,8 +9,9 @@ from __future__ import annotations
 import re
 
 import pytest
+import yaml
 
-from chartlib import CASES, kinds, pod_specs, rayjob_specs
+from chartlib import CASES, CHART, kinds, pod_specs, rayjob_specs, values_of
 
 pytestmark = pytest.mark.chart
 
@@ -180,3 +181,54 @@ def _restricted(pod: dict) -> list[str]:
             problems.append(f"{name} sets procMount")
         problems += [f"{name} uses hostPort {p['hostPort']}" for p in container.get("ports", []) if p.get("hostPort")]
     return problems
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions) applied to labels."""
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for rule in selector.get("matchExpressions", []):
+        key, operator, values = rule["key"], rule["operator"], rule.get("values", [])
+        if not {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
+                "Exists": key in labels, "DoesNotExist": key not in labels}[operator]:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_ray_refuses_callers_without_the_clusters_token(render, case):
+    for where, spec in rayjob_specs(render(case)):
+        assert spec["rayClusterSpec"].get("authOptions") == {"mode": "token"}, where
+
+
+def test_ray_token_authentication_can_be_turned_off(helm):
+    out = helm("template", "open", str(CHART), "--set", "rayAuth.mode=disabled", "--set", "networkPolicy.enabled=false")
+    assert out.returncode == 0, out.stderr
+    objects = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert [spec["rayClusterSpec"].get("authOptions") for _, spec in rayjob_specs(objects)] == [None]
+    assert kinds(objects, "NetworkPolicy") == []
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_only_the_releases_ray_pods_submitter_and_the_operator_reach_the_ray_pods(render, case):
+    objects = render(case)
+    (policy,) = kinds(objects, "NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    pods = {where: template["metadata"]["labels"] for where, template in pod_specs(objects)}
+    guarded = {where for where, labels in pods.items() if _selects(spec["podSelector"], labels)}
+    assert guarded == {where for where in pods if where.endswith((" head", "worker group workers"))}, guarded
+    admitted_everywhere = [rule for rule in spec["ingress"] if "ports" not in rule]
+    (own,) = admitted_everywhere
+    (peer,) = own["from"]
+    assert set(peer) == {"podSelector"}   # this namespace only
+    admitted = {where for where, labels in pods.items() if _selects(peer["podSelector"], labels)}
+    assert admitted == guarded | {where for where in pods if where.endswith(" submitter")}, admitted
+    # Another release's Ray pods (same chart, another instance) are not admitted.
+    for labels in pods.values():
+        assert not _selects(peer["podSelector"], {**labels, "app.kubernetes.io/instance": "someone-else"})
+    operator = spec["ingress"][1]
+    assert operator["ports"] == [{"protocol": "TCP", "port": 8265}]   # the dashboard only
+    values = values_of(case)
+    assert operator["from"] == [values["networkPolicy"]["operator"]]
+    assert spec["ingress"][2:] == values["networkPolicy"]["extraIngress"]

@@ -21,7 +21,7 @@ from chartlib import CASES, CHART, CRDS, KUBERNETES_VERSIONS, kinds, rayjob_spec
 
 pytestmark = pytest.mark.chart
 
-CORE_KINDS = {"ConfigMap", "ServiceAccount", "CronJob", "Role", "RoleBinding", "Pod"}
+CORE_KINDS = {"ConfigMap", "ServiceAccount", "CronJob", "Role", "RoleBinding", "Pod", "NetworkPolicy"}
 CUSTOM_KINDS = {"RayJob", "RayCronJob"}
 
 
@@ -166,6 +166,8 @@ def test_worker_pods_drain_their_ray_node_before_kubernetes_stops_them(render, c
             assert env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] == "0", where
         head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
         assert "lifecycle" not in head, where  # the head runs no training worker
+        # ... and goes at once when deleted, rather than after Ray's 30 s drain on SIGTERM.
+        assert {"name": "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "value": "0"} in head["env"], where
 
 
 def beside_head_pod_specs(objects: list[dict]) -> dict[str, dict]:

@@ -86,9 +86,13 @@ spec:
         # Where a training worker marks that its preemption checkpoint is saved (the preStop hook waits for it).
         - name: ALEXNET_JOB_PREEMPTION_MARKER
           value: /tmp/alexnet-job-preemption-checkpoint
-        # On SIGTERM `ray start` drains its node again and waits up to this long (Ray's default:
-        # 30 s) for the raylet to go idle, which a training worker never does: the pod would then
-        # outlive the checkpoint by 30 s and keep training. The preStop hook has drained already.
+        {{- end }}
+        {{- if or (eq .component "ray-head") $group.terminationGracePeriodSeconds }}
+        # On SIGTERM `ray start` drains its node and waits up to this long (Ray's default: 30 s)
+        # for the raylet to go idle, which a training node never does. The head has nothing to
+        # drain (the cluster ends with it) and the preStop hook has drained a worker already:
+        # without this, a cancelled job trains on for 30 s (measured: the head pod took 31 s to
+        # go) and an evicted worker outlives its checkpoint by as much.
         - name: RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S
           value: "0"
         {{- end }}
@@ -236,6 +240,12 @@ submitterPodTemplate:
       {{- include "alexnet-train.tmpVolume" "1Gi" | nindent 6 }}
 rayClusterSpec:
   rayVersion: {{ $v.rayVersion | quote }}
+  {{- if eq $v.rayAuth.mode "token" }}
+  # KubeRay makes the token and sets RAY_AUTH_MODE/RAY_AUTH_TOKEN in every Ray container and the
+  # submitter; the driver, Ray Train, `ray job submit` and the preStop hook's drain all use them.
+  authOptions:
+    mode: token
+  {{- end }}
   headGroupSpec:
     {{- with $v.head.rayStartParams }}
     rayStartParams:
