@@ -293,15 +293,19 @@ class Node:
         for command, before in getattr(self, "iptables_before", {}).items():
             remove_added_iptables(command, before)
         remove_added_nft_tables(getattr(self, "nft_tables_before", nft_tables()))
+        # A pod's veth goes when the kernel destroys its network namespace, which it does in the
+        # background, seconds after the last process, mount and socket holding it are gone. The
+        # bridge (and its address) stays until then: a killed pod's connections close with a FIN
+        # the host must answer, or the socket retransmits it for minutes and keeps the namespace
+        # (measured: a veth outlived a teardown that removed the bridge first by 3.5 minutes).
+        before = set(getattr(self, "interfaces_before", interfaces()))
+        try:
+            poll(lambda: not set(interfaces()) - before - {BRIDGE}, 60, 0.5)
+        except PollTimeout:
+            pass  # the teardown check names what is left
         if self.bridge_made:
             subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True)
             self.bridge_made = False
-        # A pod's veth goes when the kernel destroys its network namespace, which it does in the
-        # background, seconds after the last process and mount holding it are gone.
-        try:
-            poll(lambda: not set(interfaces()) - set(getattr(self, "interfaces_before", interfaces())), 60, 0.5)
-        except PollTimeout:
-            pass  # the teardown check names what is left
         unmount_below(self.workdir)
         remove_created(getattr(self, "absent_before", []))
         self.lock.release()
