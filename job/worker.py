@@ -239,7 +239,11 @@ class EpochReporter(tfenv.tensorflow()[1].callbacks.Callback):
             if self.is_chief:
                 print(f"preemption notice: checkpoint saved at epoch {self.epoch + 1} step {step}", flush=True)
             # Tell the pod's preStop hook (the chart names the file) that the run is safe, so the
-            # drained pod can go now rather than at the end of its grace period.
+            # drained pod can go now rather than at the end of its grace period. Only the chief
+            # uploads, and the others' report returns before that upload ends: wait for it.
+            import ray.train.collective
+            ray.train.collective.barrier()
+            self.watchdog.beat()
             if marker := os.environ.get("ALEXNET_JOB_PREEMPTION_MARKER"):
                 Path(marker).touch()
 
@@ -278,7 +282,7 @@ class EpochReporter(tfenv.tensorflow()[1].callbacks.Callback):
         if self.is_chief:
             checkpoint = save_checkpoint(self.model, {"epoch": epoch, "step": step, "history": self.history})
         self.watchdog.beat()
-        ray.train.report(metrics, checkpoint=checkpoint)  # waits for every worker and the upload
+        ray.train.report(metrics, checkpoint=checkpoint)  # waits for every worker; the chief also for its upload
         self.watchdog.beat()
         if checkpoint is not None:
             shutil.rmtree(checkpoint.path, ignore_errors=True)  # Ray has persisted its copy

@@ -159,7 +159,8 @@ def test_worker_pods_drain_their_ray_node_before_kubernetes_stops_them(render, c
             script = hook["exec"]["command"][-1]
             assert "ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION" in script, where
             # The drain deadline and the hook's wait both end before Kubernetes' SIGKILL.
-            assert f"--deadline-remaining-seconds {grace - 5}" in script and f"$(seq {grace - 10})" in script, where
+            assert f"--deadline-remaining-seconds {grace - 5}" in script, where
+            assert script.startswith(f"end=$(($(date +%s) + {grace - 10}));"), where
             env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
             assert env["ALEXNET_JOB_PREEMPTION_MARKER"].startswith("/tmp/"), where  # /tmp is the pod's writable emptyDir
             # Ray's own SIGTERM drain would hold the pod another 30 s after the hook's checkpoint.

@@ -114,8 +114,9 @@ spec:
       # check (preemption_check_steps) and the run checkpoints while all workers are alive.
       # The hook keeps the pod up until the worker here marks that checkpoint saved (then 5 s
       # more, for Ray Train's controller to collect its report: it polls every 2 s), until no
-      # training worker runs here (an idle or finished cluster goes at once), or for at most
-      # the grace period less 10 s. The run resumes from that checkpoint elsewhere.
+      # training worker runs here (an idle or finished cluster goes at once), or until the
+      # grace period less 10 s has passed (a clock, not a count: `ray drain-node` itself takes
+      # seconds). The run resumes from that checkpoint elsewhere.
       lifecycle:
         preStop:
           exec:
@@ -123,11 +124,12 @@ spec:
               - /bin/sh
               - -c
               - >-
+                end=$(($(date +%s) + {{ sub . 10 }}));
                 rm -f "$ALEXNET_JOB_PREEMPTION_MARKER";
                 ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION
                 --reason-message "Kubernetes is terminating pod $HOSTNAME"
                 --deadline-remaining-seconds {{ sub . 5 }};
-                for second in $(seq {{ sub . 10 }}); do
+                while [ "$(date +%s)" -lt "$end" ]; do
                 if [ -e "$ALEXNET_JOB_PREEMPTION_MARKER" ]; then sleep 5; break; fi;
                 grep -qs '[R]ayTrainWorker' /proc/[0-9]*/cmdline || break;
                 sleep 1; done
