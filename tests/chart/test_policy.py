@@ -232,3 +232,10 @@ def test_only_the_releases_ray_pods_submitter_and_the_operator_reach_the_ray_pod
     values = values_of(case)
     assert operator["from"] == [values["networkPolicy"]["operator"]]
     assert spec["ingress"][2:] == values["networkPolicy"]["extraIngress"]
+
+
+def test_the_operator_is_admitted_to_the_dashboard_port_the_head_uses(helm):
+    out = helm("template", "port", str(CHART), "--set-string", "head.rayStartParams.dashboard-port=8300")
+    assert out.returncode == 0, out.stderr
+    (policy,) = kinds([d for d in yaml.safe_load_all(out.stdout) if d], "NetworkPolicy")
+    assert policy["spec"]["ingress"][1]["ports"] == [{"protocol": "TCP", "port": 8300}]
