@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -63,14 +64,24 @@ def weed_binary() -> str:
 
 
 def _free_ports(n: int, host: str = HOST) -> list[int]:
-    """n distinct free TCP ports on `host` (held open together so they differ)."""
+    """n distinct free TCP ports on `host`, below the kernel's ephemeral range: a port the kernel
+    hands out (bind to 0) can be taken by an outgoing connection before `weed` binds it, which
+    happened on a busy e2e run ("Port allocation failed ... is not available")."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = random.sample(range(10000, low), min(4 * n + 50, low - 10000))
     socks = []
     try:
-        for _ in range(n):
+        for port in candidates:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
+            try:
+                s.bind((host, port))
+            except OSError:
+                s.close()
+                continue
             socks.append(s)
-        return [s.getsockname()[1] for s in socks]
+            if len(socks) == n:
+                return [s.getsockname()[1] for s in socks]
+        raise RuntimeError(f"no {n} free ports on {host} below {low}")
     finally:
         for s in socks:
             s.close()

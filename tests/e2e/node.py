@@ -141,7 +141,7 @@ class ApiRelay:
     def __init__(self, listen: tuple[str, int], target: tuple[str, int]):
         self.target = target
         self.server = socket.create_server(listen)
-        self.connections: set[socket.socket] = set()
+        self.connections: dict[frozenset, int] = {}
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._accept, name="api-relay", daemon=True)
         self.thread.start()
@@ -158,12 +158,13 @@ class ApiRelay:
             except OSError:
                 client.close()
                 continue
+            pair = frozenset((client, upstream))
             with self.lock:
-                self.connections |= {client, upstream}
+                self.connections[pair] = 2   # pumps still running
             for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+                threading.Thread(target=self._pump, args=(source, sink, pair), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, pair: frozenset) -> None:
         try:
             while data := source.recv(65536):
                 sink.sendall(data)
@@ -176,12 +177,20 @@ class ApiRelay:
                     end.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+            with self.lock:   # the second pump to end closes the pair (a session makes thousands)
+                if pair in self.connections:
+                    self.connections[pair] -= 1
+                    if not self.connections[pair]:
+                        del self.connections[pair]
+                        for end in pair:
+                            end.close()
 
     def stop(self) -> None:
         self.server.close()
         with self.lock:
-            for connection in self.connections:
-                connection.close()
+            for pair in self.connections:
+                for end in pair:
+                    end.close()
             self.connections.clear()
         self.thread.join(5)
 

@@ -29,9 +29,10 @@ def bridge_s3(e2e, workdir: Path, mnist_dir: Path, namespace: str):
     (server, chart value arguments, the watch over the server's sockets)."""
     from kubernetes import client
     s3 = S3Server(workdir, host=e2e.node.address)
-    s3.start()
-    watch = LoopbackWatch(s3.process.pid, interval=0.5, networks=(str(e2e.node.subnet),)).__enter__()
+    watch = None
     try:
+        s3.start()
+        watch = LoopbackWatch(s3.process.pid, interval=0.5, networks=(str(e2e.node.subnet),)).__enter__()
         s3.create_bucket(MODELS)
         s3.create_bucket(DATASETS)
         for name in MNIST_FILES:
@@ -43,7 +44,8 @@ def bridge_s3(e2e, workdir: Path, mnist_dir: Path, namespace: str):
         values = ["--set", f"s3.endpoint={s3.endpoint}", "--set", f"s3.bucket={MODELS}", "--set", "s3.existingSecret=s3"]
         yield s3, values, watch
     finally:
-        watch.__exit__(None, None, None)
+        if watch:
+            watch.__exit__(None, None, None)
         s3.close()
 
 
