@@ -54,7 +54,9 @@ def namespace_objects(e2e) -> set[tuple[str, str]]:
 def installed(e2e, tmp_path_factory, mnist_dir):
     with bridge_s3(e2e, tmp_path_factory.mktemp("s3-helm"), mnist_dir, NS) as (s3, values, watch):
         try:
-            install = e2e.helm("install", RELEASE, CHART, "-n", NS, "-f", VALUES, *values)
+            # The finished job's cluster must outlive the tests that use it (the default keeps it 300 s).
+            install = e2e.helm("install", RELEASE, CHART, "-n", NS, "-f", VALUES, *values,
+                               "--set", "job.ttlSecondsAfterFinished=3600")
             waited = e2e.cli("wait", RAYJOB, "-n", NS, timeout=900)
             yield {"s3": s3, "install": install, "wait": waited}
         finally:
