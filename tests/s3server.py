@@ -34,6 +34,7 @@ HOST = "127.0.0.1"
 REGION = "us-east-1"
 START_TIMEOUT = 60.0  # seconds to wait for the S3 gateway to answer
 STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL (a graceful stop waits for uploads in flight)
+MAX_VOLUMES = 1000  # see start()
 PROBE_BUCKET = "readiness-probe"  # written to at every start, to know the server really serves data
 
 # Every listener `weed mini` opens, each given an explicit loopback port (flag -> our name).
@@ -197,6 +198,11 @@ class S3Server:
             "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-s3.config={config}",
             "-s3.autoCreateBucket=false",  # a missing bucket must stay missing, as on real S3
+            # Every bucket takes volumes of its own, and `weed mini` allows only (free disk / volume
+            # size) of them: 1 GiB volumes on a disk with 13 GiB free stopped writes at the 13th
+            # bucket of a CI run. Volumes grow as data is written (not preallocated), so the count
+            # can be set far above what tests use, whatever the disk has free.
+            f"-volume.max={MAX_VOLUMES}",
             f"-s3.localSocket={self.workdir / 's3.sock'}",
             f"-filer.localSocket={self.workdir / 'filer.sock'}",
             *(f"-{flag}={self.ports[name]}" for flag, name in _PORT_FLAGS.items()),

@@ -558,3 +558,12 @@ def test_tls_verification_and_ca_bundle(tls_server, s3_env, monkeypatch, tmp_pat
         storage.list_runs(output)
     with pytest.raises(StorageError, match="TLS verification"):
         storage.arrow_filesystem(output)
+
+
+def test_the_server_has_room_for_a_bucket_per_test_whatever_the_disk_has_free(s3_server, bucket):
+    """Each bucket takes a volume of its own; left to itself `weed mini` allows free-disk/1 GiB of
+    them, which stopped writes at the 13th bucket on a CI machine with little disk free."""
+    import urllib.request
+
+    status = json.load(urllib.request.urlopen(f"http://{s3_server.host}:{s3_server.ports['master']}/dir/status"))
+    assert status["Topology"]["Max"] >= 1000  # 76 on a disk with 76 GiB free before the fix
