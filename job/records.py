@@ -2,8 +2,8 @@
 their failures and the bad images its workers skipped.
 
 Each attempt of a run (a worker-group restart, or the same command run again) appends a line to
-attempts.jsonl when it starts, and the Train controller one to failures.jsonl when it fails (a
-step watchdog adds its own first). The chief gathers them all into metrics.json. The driver,
+attempts.jsonl when its chief starts, and the Train controller's failure policy one to
+failures.jsonl when it fails (a step watchdog adds its own first). The chief gathers them all into metrics.json. The driver,
 the controller and the workers all write here, so this module imports neither TensorFlow nor Ray.
 """
 
@@ -64,13 +64,29 @@ def bad_images(config) -> dict:
 
 
 def attempt_history(config) -> list[dict]:
-    """Every attempt: when it started, where it resumed from, and when and why it failed."""
-    attempts = read_records(config, "attempts")
-    for failure in read_records(config, "failures"):
-        failed = [a for a in attempts if a["started_at"] <= failure["failed_at"]]
-        if failed:  # one attempt may have several reasons (the watchdog's, then Ray's): keep all
-            reasons = [reason for reason in (failed[-1].get("error"), failure["error"]) if reason]
-            failed[-1].update(failure, error="; ".join(reasons))
-    for attempt in attempts[:-1]:
+    """Every attempt: when it started, where it resumed from, and when and why it ended.
+
+    An attempt starts when its chief does (attempts.jsonl) and ends at a failure Ray Train
+    decided on (failures.jsonl); a step watchdog's reason (`ends_attempt` false) joins the
+    failure that follows it. A failure with no attempt started since the one before it lost a
+    worker before the chief began: an attempt of its own, with no start or checkpoint.
+    """
+    events = sorted([(a["started_at"], 1, a) for a in read_records(config, "attempts")]
+                    + [(f["failed_at"], 0, f) for f in read_records(config, "failures")], key=lambda e: e[:2])
+    history, current, reasons = [], None, []
+    for _, is_start, record in events:
+        if is_start:
+            current = dict(record)
+            history.append(current)
+        elif record.get("ends_attempt", True):
+            if current is None:
+                current = {"started_at": None, "resumed_from": None}
+                history.append(current)
+            current.update({k: v for k, v in record.items() if k != "ends_attempt"},
+                           error="; ".join([*reasons, record["error"]]))
+            current, reasons = None, []
+        else:
+            reasons.append(record["error"])
+    for attempt in history[:-1]:
         attempt.setdefault("error", "stopped without a recorded failure (driver or cluster gone)")
-    return attempts
+    return history

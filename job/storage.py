@@ -510,6 +510,10 @@ class _LocalStore:
             return 0
         with self._oserror(f"copy the run into {final.parent}"):
             final.parent.mkdir(parents=True, exist_ok=True)
+            # A copy of this run that was interrupted (its chief lost mid-publish) left a hidden
+            # sibling: this publish replaces it, so nothing half-written stays beside the runs.
+            for interrupted in final.parent.glob(f".{run}.partial-*"):
+                shutil.rmtree(interrupted, ignore_errors=True)
             # A run folder that exists without a manifest (an interrupted copy, or checkpoints)
             # receives the files one by one; otherwise a hidden sibling is renamed at the end.
             self._staged = None if final.exists() else Path(tempfile.mkdtemp(prefix=f".{run}.partial-", dir=final.parent))

@@ -17,7 +17,7 @@ import threading
 import time
 
 from job import records, storage, tfenv
-from job.errors import ConfigError, TrainingFailed
+from job.errors import ConfigError, DataError, TrainingFailed
 
 EXCEPTION_LINE = re.compile(r"^([\w.]+(?:Error|Exception|Exit|Interrupt)): (.+)$")
 WORKER_ENV = {
@@ -78,7 +78,7 @@ def run(config, splits, *, started_at: float) -> dict:
     from job import tf_config, worker
 
     checkpoints_fs, checkpoints_path = storage.arrow_filesystem(storage.checkpoints_uri(config.output))
-    trainer = abortable(TensorflowTrainer)(
+    trainer = for_this_run(TensorflowTrainer, config)(
         train_loop_per_worker=worker.train_worker,
         # TF_CONFIG for each worker, set without importing TensorFlow into the Train controller.
         tensorflow_config=tf_config.TFConfig(),
@@ -98,7 +98,7 @@ def run(config, splits, *, started_at: float) -> dict:
             storage_path=checkpoints_path,
             storage_filesystem=checkpoints_fs,
             failure_config=FailureConfig(max_failures=config.max_failures),
-            callbacks=[failure_recorder(config)],
+            callbacks=[abandoned_group_release()],
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
         ),
     )
@@ -128,7 +128,8 @@ def run(config, splits, *, started_at: float) -> dict:
             raise TrainingFailed(message) from None
         if not isinstance(error, ray.train.TrainingFailedError):
             raise
-        raise TrainingFailed(f"training failed: {_last_line(error)}") from None
+        raise TrainingFailed(failed_for_good(config, error, started_at,
+                                             last_checkpoint(checkpoints_fs, run_checkpoints))) from None
     finally:
         if deadline:
             deadline.cancel()
@@ -138,12 +139,18 @@ def run(config, splits, *, started_at: float) -> dict:
     return json.loads(storage.read_bytes(storage.run_uri(config.output, config.run_name) + "/metrics.json"))
 
 
-def abortable(trainer_class):
-    """`trainer_class` plus abort(), which ends its run from another thread of the driver."""
+def for_this_run(trainer_class, config):
+    """`trainer_class` with the run's failure policy, plus abort(), which ends its run from
+    another thread of the driver."""
     import ray
 
-    class AbortableTrainer(trainer_class):
+    class RunTrainer(trainer_class):
         controller, aborted = None, False
+
+        def _initialize_and_run_controller(self, **controller_arguments):
+            # Ray Train takes no failure policy of the user's: the one fit() made is swapped here.
+            controller_arguments["failure_policy"] = failure_policy(config, self.run_config.failure_config)
+            return super()._initialize_and_run_controller(**controller_arguments)
 
         def _register_sigint_handler(self, controller):
             # fit() shows the driver its Train controller only here, for Ray's own Ctrl-C abort
@@ -161,7 +168,7 @@ def abortable(trainer_class):
                 except ray.exceptions.RayActorError:
                     pass  # it exits as it aborts
 
-    return AbortableTrainer
+    return RunTrainer
 
 
 def last_checkpoint(filesystem, run_path: str) -> dict | None:
@@ -177,6 +184,31 @@ def last_checkpoint(filesystem, run_path: str) -> dict | None:
     finally:
         ray_train_log.setLevel(level)
     return {"epoch": metrics["epoch"], "step": metrics.get("step", 0)} if metrics else None
+
+
+def failed_for_good(config, error, started_at: float, reached: dict | None) -> str:
+    """The line that ends a run Ray Train gave up on: a user's error as it is, a spent failure
+    budget with how many failures spent it and the checkpoint kept."""
+    failures = [f for f in records.read_records(config, "failures") if "retried" in f and f["failed_at"] >= started_at]
+    last = failures[-1]["error"] if failures else _last_line(error)
+    if not failures or len(failures) <= config.max_failures or any(map(users_error, worker_failures(error))):
+        return f"training failed: {last}"
+    kept = (f"the checkpoint of epoch {reached['epoch']} step {reached['step']} is kept: run the same command "
+            "again to resume from it" if reached else "no checkpoint was reached")
+    return (f"training failed {len(failures)} times, more than --max-failures {config.max_failures} allows; "
+            f"the last time: {last}; {kept}")
+
+
+def worker_failures(error) -> list:
+    from ray.train import WorkerGroupError
+    return list(error.worker_failures.values()) if isinstance(error, WorkerGroupError) else []
+
+
+def users_error(worker_failure) -> bool:
+    """True for a worker's error in the user's config or data, which every retry would raise
+    again. Told by its text: one raised inside a tf.data pipeline (a bad image) reaches Ray as
+    TensorFlow's error, with ours as its last exception line."""
+    return _last_exception(worker_failure)[0] in (f"job.errors.{kind.__name__}" for kind in (ConfigError, DataError))
 
 
 def deadline_reached(config, reached: dict | None) -> str:
@@ -224,21 +256,85 @@ def _last_line(error: Exception) -> str:
     """The line of a (worker's) traceback that says what went wrong: the last `SomeError: text`
     line, since TensorFlow appends op context (`[[node ...]]`) after it; our own errors
     without their class name."""
+    kind, line = _last_exception(error)
+    return line.split(": ", 1)[1] if kind.startswith("job.errors.") else line
+
+
+def _last_exception(error: Exception) -> tuple[str, str]:
+    """(class name, line) of the last `SomeError: text` line of an error's text."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     for line in reversed(lines):
         match = EXCEPTION_LINE.match(line)
         if match:
-            return match.group(2) if match.group(1).startswith("job.errors.") else line
-    return lines[-1] if lines else type(error).__name__
+            return match.group(1), line
+    return "", lines[-1] if lines else type(error).__name__
 
 
-def failure_recorder(config):
-    """A Ray Train callback, run by the Train controller, that records why an attempt failed."""
-    from ray.train import UserCallback
+def failure_policy(config, failure_config):
+    """Ray Train's failure policy for this run, run by the Train controller, with two changes,
+    and every failure it decides on recorded (why the attempt ended, retried or not).
 
-    class FailureRecorder(UserCallback):
-        def after_exception(self, run_context, worker_exceptions):
-            reasons = "; ".join(f"rank {rank}: {_last_line(error)}" for rank, error in sorted(worker_exceptions.items()))
-            records.append_record(config, "failures", {"failed_at": time.time(), "error": reasons})
+    A worker lost while its group starts is a worker failure, retried within --max-failures:
+    Ray 2.60 raises the loss of a worker before its train function is launched as a controller
+    error it does not retry, and ends the run with budget left ("The actor is dead ..."); the
+    losses it does report as startup failures it retries without counting, forever.
+    A worker that raised an error in the user's config or data (a bad image with --bad-images
+    fail) would raise it again: the run ends at once rather than retrying it --max-failures
+    times. A storage error may pass (S3 back from an outage) and is retried.
+    """
+    from ray.exceptions import RayActorError
+    from ray.train import ControllerError, WorkerGroupError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError
+    from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
 
-    return FailureRecorder()
+    class RunFailurePolicy(DefaultFailurePolicy):
+        def make_decision(self, training_failed_error):
+            error = training_failed_error
+            if isinstance(error, ControllerError) and isinstance(
+                    error.controller_failure, (RayActorError, WorkerGroupStartupFailedError)):
+                lost = error.controller_failure
+                error = WorkerGroupError(f"a worker was lost while the worker group started: {lost}", {-1: lost})
+            if any(map(users_error, worker_failures(error))):
+                decision = FailureDecision.RAISE
+            else:
+                decision = super().make_decision(error)
+            records.append_record(config, "failures", {
+                "failed_at": time.time(), "error": failure_reasons(error),
+                "retried": decision == FailureDecision.RETRY})
+            return decision
+
+    return RunFailurePolicy(failure_config)
+
+
+def abandoned_group_release():
+    """A Ray Train callback, run by the Train controller, that shuts down a worker group whose
+    start failed after its workers were up: Ray 2.60 abandons it, its placement group keeps the
+    CPUs and GPUs the next group needs, and the retry waits for them forever (a local run) or
+    runs beside a stray worker (a cluster). Released as the next group starts."""
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    class AbandonedGroupRelease(WorkerGroupCallback):
+        starting = None  # a group between its workers' start and its training's
+
+        def after_worker_group_start(self, worker_group):
+            self.starting = worker_group
+
+        def after_worker_group_training_start(self, worker_group):
+            self.starting = None
+
+        def before_worker_group_start(self, worker_group_context):
+            abandoned, self.starting = self.starting, None
+            if abandoned is not None and abandoned.has_started():
+                abandoned.shutdown()
+
+    return AbandonedGroupRelease()
+
+
+def failure_reasons(error) -> str:
+    """One line per lost or failed worker (a Ray Train TrainingFailedError), joined by '; '."""
+    from ray.train import ControllerError, WorkerGroupError
+    if isinstance(error, WorkerGroupError):
+        return "; ".join(f"rank {rank}: {_last_line(failure)}" if rank >= 0 else
+                         f"while the worker group started: {_last_line(failure)}"
+                         for rank, failure in sorted(error.worker_failures.items()))
+    return _last_line(error.controller_failure if isinstance(error, ControllerError) else error)

@@ -59,7 +59,8 @@ def train_worker(loop_config: dict) -> None:
     # only catch one that is dead or frozen whole. A worker whose steps stop finishing for
     # step_timeout ends its own process and Ray restarts the group from the last checkpoint.
     watchdog = StepWatchdog(config.step_timeout, on_expiry=lambda line: records.append_record(
-        config, "failures", {"failed_at": time.time(), "error": f"rank {context.get_world_rank()}: {line}"}))
+        config, "failures", {"failed_at": time.time(), "error": f"rank {context.get_world_rank()}: {line}",
+                             "ends_attempt": False}))  # Ray Train's failure that follows does
     tf.keras.utils.set_random_seed(config.seed)  # same initial weights on every worker
 
     # Where the last attempt stopped: a checkpoint of a previous attempt of this run, if any.

@@ -105,14 +105,17 @@ def test_predict_uses_the_runs_classes_and_centre_crop(runs, datasets):
 
 
 def test_bad_images_fail_the_run_when_asked(datasets, tmp_path, s3_server):
-    # The small network on a local copy: what matters is the one line that names the file.
+    # The small network on a local copy: what matters is the one line that names the file, and
+    # that the failure, which every retry would meet again, is not retried (--max-failures 3).
     result = run_cli("train", "--dataset", "imagefolder", "--data", datasets["local"], "--bad-images", "fail",
-                     "--max-failures", "0", "--workers", "2", "--batch-size", "8", "--epochs", "1",
-                     "--steps-per-epoch", "10", "--output", tmp_path, env=s3_server.env)
+                     "--max-failures", "3", "--workers", "2", "--batch-size", "8", "--epochs", "1",
+                     "--steps-per-epoch", "10", "--output", tmp_path, "--run-name", "bad", env=s3_server.env)
     assert result.returncode == 1, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("alexnet-job: training failed: ") and f"bad image {datasets['local']}/{BAD}" in last
     assert not (tmp_path / "latest.json").exists()
+    failures = [json.loads(line) for line in (tmp_path / "checkpoints" / "bad" / "failures.jsonl").read_text().splitlines()]
+    assert [f["retried"] for f in failures] == [False], failures
 
 
 def test_an_empty_split_stops_before_training(datasets, tmp_path):

@@ -140,7 +140,9 @@ def test_interrupted_copy_leaves_nothing_complete(tmp_path, out):
     assert [r.run for r in storage.list_runs(str(out))] == ["a"]
     with pytest.raises(StorageError, match="does not exist"):
         storage.show_run(str(out / "runs" / "b"))
+    assert len(list((out / "runs").glob(".b.partial-*"))) == 1
     assert storage.publish(run, str(out), "b", manifest_extra=extra()).promoted
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["a", "b"]  # the interrupted copy is gone
 
 
 def test_publish_in_place_and_incomplete_folders(tmp_path, out):

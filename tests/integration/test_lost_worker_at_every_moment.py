@@ -1,0 +1,71 @@
+"""A worker lost at any moment of a run is survived within --max-failures.
+
+Each test arms one kill point (tests/killpoints: a worker kills its own process the first time it
+reaches that moment, as the OOM killer or a lost node would) in a real 2-worker run, and checks
+what the user sees: the command ends by itself with exit 0, exactly one complete run published,
+and metrics.json lists both attempts, the first with why it ended.
+"""
+
+import json
+import os
+
+import pytest
+
+from support import ROOT, run_cli
+
+pytestmark = pytest.mark.integration
+KILLPOINTS = ROOT / "tests" / "killpoints"
+# (moment, rank): the chief's own moments kill rank 0, the others the worker of rank 1.
+MOMENTS = [
+    ("group-start", 1),  # Ray 2.60 ended the run here ("The actor is dead ...") with failures left
+    ("tensorflow-import", 1),
+    ("before-first-all-reduce", 1),
+    ("mid-epoch", 1),
+    ("mid-epoch", 0),
+    ("validation", 1),
+    ("checkpoint-upload", 0),
+    ("final-evaluation", 0),
+    ("export", 0),
+    ("publish", 0),
+]
+
+
+def run_killed_at(moment, rank, mnist_dir, output, *extra):
+    marker = output.parent / f"killed-{moment}-{rank}"
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(KILLPOINTS), os.environ.get("PYTHONPATH")])),
+           "ALEXNET_JOB_TEST_KILL": moment, "ALEXNET_JOB_TEST_KILL_RANK": str(rank),
+           "ALEXNET_JOB_TEST_KILL_MARKER": str(marker)}
+    result = run_cli("train", "--data", mnist_dir, "--workers", "2", "--epochs", "2", "--train-limit", "1600",
+                     "--test-limit", "300", "--batch-size", "64",
+                     "--output", output, "--run-name", "r", *extra, env=env)
+    return result, marker
+
+
+@pytest.mark.parametrize(("moment", "rank"), MOMENTS, ids=[f"{m}-rank{r}" for m, r in MOMENTS])
+def test_a_worker_killed_at_this_moment_is_survived(moment, rank, mnist_dir, tmp_path):
+    output = tmp_path / "out"
+    result, marker = run_killed_at(moment, rank, mnist_dir, output)
+    assert marker.exists(), f"the kill point {moment} was never reached:\n{result.stdout[-2000:]}{result.stderr[-3000:]}"
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "actor is dead" not in (result.stderr.strip().splitlines() or [""])[-1]
+    runs = sorted(p.name for p in (output / "runs").iterdir())
+    assert runs == ["r"], runs  # one run, nothing half-written beside it
+    assert json.loads((output / "latest.json").read_text())["run"] == "r"
+    manifest = json.loads((output / "runs" / "r" / "manifest.json").read_text())
+    assert {f["key"] for f in manifest["files"]} >= {"model.keras", "metrics.json", "config.yaml"}
+    attempts = json.loads((output / "runs" / "r" / "metrics.json").read_text())["attempts"]
+    assert len(attempts) == 2, attempts
+    assert attempts[0]["retried"] is True and "died" in attempts[0]["error"], attempts[0]
+    assert "error" not in attempts[1], attempts[1]
+
+
+def test_a_spent_failure_budget_is_one_line_and_the_checkpoint_is_kept(mnist_dir, tmp_path):
+    output = tmp_path / "out"
+    result, marker = run_killed_at("validation", 1, mnist_dir, output, "--max-failures", "0")
+    assert marker.exists() and result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("alexnet-job: training failed 1 times, more than --max-failures 0 allows; the last time: "
+                           "rank 1: "), last
+    assert last.endswith("the checkpoint of epoch 0 step 0 is kept: run the same command again to resume from it") \
+        or "no checkpoint was reached" in last, last
+    assert not (output / "runs").exists()
