@@ -1,4 +1,5 @@
-"""Benchmark 4: kill scenarios, K times each: survived/total, work lost, time to resume.
+"""Benchmark 4: kill scenarios, K times each: survived/total, work lost, time to resume; and a
+soak: N runs, each losing a random worker at a uniformly random moment.
 
 Scenarios (2 workers, MNIST subset, 3 epochs):
   worker        SIGKILL one Ray Train worker a few seconds after a checkpoint (epoch ends only)
@@ -6,11 +7,19 @@ Scenarios (2 workers, MNIST subset, 3 epochs):
   driver        SIGKILL the driver's whole process tree, then run the same command again
 Work lost = training time between the last registered checkpoint and the kill (and the steps
 that time holds at the measured rate); time to resume = kill -> the next attempt's start.
+
+Soak (--trials N): one run without a kill measures the command's length T; then each trial
+draws a moment uniformly in [0, T) after the command's start and SIGKILLs a random Ray Train
+worker then (the first to appear if none is up yet: the group is starting). Survived = exit 0,
+one complete run published, latest.json on it. Prints survived/total, time lost per kill
+(trial's length - T) and attempts used. Target: N/N survived.
 Usage: uv run python bench/faults.py [--repeats 2] [--scenarios worker,worker-steps,driver]
+       uv run python bench/faults.py --trials 20
 """
 
 import argparse
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -78,11 +87,90 @@ def one(scenario: str) -> dict:
             "checkpoint_seen": resumable}
 
 
+SOAK_RUN = ["--data", str(MNIST), "--workers", "2", "--epochs", "2", "--train-limit", "3000", "--test-limit", "500"]
+
+
+def train_workers(process: subprocess.Popen) -> list:
+    found = []
+    try:
+        for child in psutil.Process(process.pid).children(recursive=True):
+            try:
+                if child.name().startswith("ray::RayTrainWorker"):
+                    found.append(child)
+            except psutil.Error:  # gone meanwhile
+                pass
+    except psutil.NoSuchProcess:
+        pass
+    return found
+
+
+def soak_trial(kill_after: float | None) -> dict:
+    """One soak run; kill_after None runs it without a kill."""
+    output = Path(tempfile.mkdtemp(prefix="alexnet-soak-"))
+    log = open(output / "log.txt", "w")
+    started = time.time()
+    process = subprocess.Popen([sys.executable, "-m", "job.cli", "train", *SOAK_RUN, "--output", str(output),
+                                "--run-name", "soak"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    killed_at = None
+    while process.poll() is None:
+        if kill_after is not None and killed_at is None and time.time() - started >= kill_after:
+            workers = train_workers(process)
+            if workers:
+                victim = random.choice(workers)
+                try:
+                    victim.kill()
+                    killed_at = time.time() - started
+                except psutil.NoSuchProcess:
+                    pass
+        time.sleep(0.02)
+    seconds = time.time() - started
+    log.close()
+    runs = sorted(p.name for p in (output / "runs").iterdir()) if (output / "runs").is_dir() else []
+    latest = output / "latest.json"
+    survived = (process.returncode == 0 and runs == ["soak"] and (output / "runs" / "soak" / "manifest.json").is_file()
+                and latest.is_file() and json.loads(latest.read_text())["run"] == "soak")
+    attempts = len(json.loads((output / "runs" / "soak" / "metrics.json").read_text())["attempts"]) if survived else None
+    last_line = (output / "log.txt").read_text(errors="replace").strip().splitlines()[-1:] or [""]
+    return {"kill_after": kill_after, "killed_at": killed_at, "seconds": seconds, "survived": survived,
+            "attempts": attempts, "last_line": last_line[0][:300], "output": str(output)}
+
+
+def soak(trials: int, seed: int) -> None:
+    random.seed(seed)
+    reference = soak_trial(None)
+    if not reference["survived"]:
+        sys.exit(f"the run without a kill failed: {reference['last_line']} ({reference['output']})")
+    length = reference["seconds"]
+    print(f"run without a kill: {length:.1f} s")
+    results = []
+    for trial in range(trials):
+        result = soak_trial(random.uniform(0, length))
+        results.append(result)
+        outcome = f"survived, {result['attempts']} attempts" if result["survived"] else f"FAILED: {result['last_line']}"
+        killed = f"killed at {result['killed_at']:.1f} s" if result["killed_at"] is not None else "no worker left to kill"
+        print(f"trial {trial + 1}: drawn {result['kill_after']:.1f} s, {killed}, {result['seconds']:.1f} s: {outcome}",
+              flush=True)
+    killed = [r for r in results if r["killed_at"] is not None]
+    lost = [r["seconds"] - length for r in killed if r["survived"]]
+    print(f"\n4b) soak: {trials} runs of {length:.0f} s, each losing a random worker at a uniform moment")
+    print(table([(f"{sum(r['survived'] for r in results)}/{trials}", f"{len(killed)}/{trials}",
+                  f"{statistics.median(lost):.1f}" if lost else "-", f"{max(lost):.1f}" if lost else "-",
+                  ", ".join(f"{n}x{sum(r['attempts'] == n for r in results)}"
+                            for n in sorted({r["attempts"] for r in results if r["attempts"]})))],
+                ("survived", "kills landed", "time lost per kill, median (s)", "max (s)", "attempts used (count x runs)")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--scenarios", default="worker,worker-steps,driver")
+    parser.add_argument("--trials", type=int, help="run the soak with this many runs instead of the scenarios")
+    parser.add_argument("--seed", type=int, default=0, help="the soak's random moments and victims")
     options = parser.parse_args()
+    if options.trials:
+        soak(options.trials, options.seed)
+        return
     rows = []
     for scenario in options.scenarios.split(","):
         results = [one(scenario) for _ in range(options.repeats)]

@@ -8,6 +8,8 @@ and metrics.json lists both attempts, the first with why it ended.
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -30,21 +32,22 @@ MOMENTS = [
 ]
 
 
-def run_killed_at(moment, rank, mnist_dir, output, *extra):
+def kill_env(moment, rank, marker, node=False):
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(KILLPOINTS), os.environ.get("PYTHONPATH")])),
+            "ALEXNET_JOB_TEST_KILL": moment, "ALEXNET_JOB_TEST_KILL_RANK": str(rank),
+            "ALEXNET_JOB_TEST_KILL_MARKER": str(marker), "ALEXNET_JOB_TEST_KILL_NODE": "1" if node else "0"}
+
+
+def run_killed_at(moment, rank, mnist_dir, output, *extra, env=None):
     marker = output.parent / f"killed-{moment}-{rank}"
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(KILLPOINTS), os.environ.get("PYTHONPATH")])),
-           "ALEXNET_JOB_TEST_KILL": moment, "ALEXNET_JOB_TEST_KILL_RANK": str(rank),
-           "ALEXNET_JOB_TEST_KILL_MARKER": str(marker)}
+    env = env if env is not None else kill_env(moment, rank, marker)
     result = run_cli("train", "--data", mnist_dir, "--workers", "2", "--epochs", "2", "--train-limit", "1600",
                      "--test-limit", "300", "--batch-size", "64",
                      "--output", output, "--run-name", "r", *extra, env=env)
     return result, marker
 
 
-@pytest.mark.parametrize(("moment", "rank"), MOMENTS, ids=[f"{m}-rank{r}" for m, r in MOMENTS])
-def test_a_worker_killed_at_this_moment_is_survived(moment, rank, mnist_dir, tmp_path):
-    output = tmp_path / "out"
-    result, marker = run_killed_at(moment, rank, mnist_dir, output)
+def check_survived(result, marker, moment, output, lost=("died",)):
     assert marker.exists(), f"the kill point {moment} was never reached:\n{result.stdout[-2000:]}{result.stderr[-3000:]}"
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "actor is dead" not in (result.stderr.strip().splitlines() or [""])[-1]
@@ -55,8 +58,34 @@ def test_a_worker_killed_at_this_moment_is_survived(moment, rank, mnist_dir, tmp
     assert {f["key"] for f in manifest["files"]} >= {"model.keras", "metrics.json", "config.yaml"}
     attempts = json.loads((output / "runs" / "r" / "metrics.json").read_text())["attempts"]
     assert len(attempts) == 2, attempts
-    assert attempts[0]["retried"] is True and "died" in attempts[0]["error"], attempts[0]
+    assert attempts[0]["retried"] is True and any(word in attempts[0]["error"] for word in lost), attempts[0]
     assert "error" not in attempts[1], attempts[1]
+
+
+@pytest.mark.parametrize(("moment", "rank"), MOMENTS, ids=[f"{m}-rank{r}" for m, r in MOMENTS])
+def test_a_worker_killed_at_this_moment_is_survived(moment, rank, mnist_dir, tmp_path):
+    output = tmp_path / "out"
+    result, marker = run_killed_at(moment, rank, mnist_dir, output)
+    check_survived(result, marker, moment, output)
+
+
+@pytest.mark.parametrize("moment", ["group-start", "mid-epoch"])
+def test_a_node_lost_at_this_moment_is_survived(moment, mnist_dir, tmp_path):
+    """A multi-node cluster (--address): a head and three 1-CPU nodes on loopback, each a real
+    raylet; the raylet of the node running rank 1 is SIGKILLed, its workers go with it."""
+    output, marker = tmp_path / "out", tmp_path / f"killed-{moment}-1"
+    cluster = subprocess.Popen([sys.executable, str(ROOT / "tests" / "integration" / "raycluster.py"), "3"],
+                               cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, **kill_env(moment, 1, marker, node=True)})
+    try:
+        address = json.loads(cluster.stdout.readline())["address"]
+        result, marker = run_killed_at(moment, 1, mnist_dir, output, "--address", address, env={})
+        # Ray names a worker lost with its node dead, or unavailable if asked before it knows.
+        check_survived(result, marker, moment, output, lost=("died", "unavailable"))
+    finally:
+        cluster.stdin.write("shutdown\n")
+        cluster.stdin.flush()
+        cluster.wait(120)
 
 
 def test_a_spent_failure_budget_is_one_line_and_the_checkpoint_is_kept(mnist_dir, tmp_path):

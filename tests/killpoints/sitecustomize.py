@@ -4,7 +4,8 @@ On PYTHONPATH, Python imports this file into every process of a run (driver, Tra
 workers). It does nothing unless ALEXNET_JOB_TEST_KILL names a moment (KILL_POINTS); then, in the
 Ray Train worker of rank ALEXNET_JOB_TEST_KILL_RANK (default 1), the first time that moment comes,
 it creates the file ALEXNET_JOB_TEST_KILL_MARKER (so a restarted worker is not killed again)
-and kills its own process, as the OOM killer or a lost node would. The product holds no trace of
+and kills its own process, as the OOM killer would (with ALEXNET_JOB_TEST_KILL_NODE=1, its
+node's raylet as well, as a lost node would). The product holds no trace of
 this: the moments are found by wrapping its functions (and Ray's) as their modules load.
 """
 
@@ -35,6 +36,10 @@ def die_here(moment: str) -> None:
     except FileExistsError:
         return
     sys.stdout.flush()
+    if os.environ.get("ALEXNET_JOB_TEST_KILL_NODE") == "1":
+        # The node is lost: its raylet (this worker's parent) and this worker with it (a worker
+        # outliving its raylet trains on until the node is declared dead, ~30 s later).
+        os.kill(os.getppid(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
