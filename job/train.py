@@ -189,13 +189,18 @@ def last_checkpoint(filesystem, run_path: str) -> dict | None:
 def failed_for_good(config, error, started_at: float, reached: dict | None) -> str:
     """The line that ends a run Ray Train gave up on: a user's error as it is, a spent failure
     budget with how many failures spent it and the checkpoint kept."""
+    from ray.train import WorkerGroupError
+
     failures = [f for f in records.read_records(config, "failures") if "retried" in f and f["failed_at"] >= started_at]
-    last = failures[-1]["error"] if failures else _last_line(error)
-    if not failures or len(failures) <= config.max_failures or any(map(users_error, worker_failures(error))):
+    last = failures[-1]["error"] if failures else failure_reasons(error)
+    # Ray Train raises a worker group's error only once the budget is spent; the policy also
+    # raises a user's error at once, and a controller error is never the budget's.
+    if not isinstance(error, WorkerGroupError) or any(map(users_error, worker_failures(error))):
         return f"training failed: {last}"
     kept = (f"the checkpoint of epoch {reached['epoch']} step {reached['step']} is kept: run the same command "
             "again to resume from it" if reached else "no checkpoint was reached")
-    return (f"training failed {len(failures)} times, more than --max-failures {config.max_failures} allows; "
+    times = f"{len(failures)} time{'s' if len(failures) != 1 else ''}"
+    return (f"training failed {times}, more than --max-failures {config.max_failures} allows; "
             f"the last time: {last}; {kept}")
 
 
@@ -267,7 +272,7 @@ def _last_exception(error: Exception) -> tuple[str, str]:
         match = EXCEPTION_LINE.match(line)
         if match:
             return match.group(1), line
-    return "", lines[-1] if lines else type(error).__name__
+    return "", f"{type(error).__name__}: {lines[-1]}" if lines else type(error).__name__
 
 
 def failure_policy(config, failure_config):

@@ -107,7 +107,8 @@ def _keras_download():
     try:
         (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
     except Exception as error:  # urllib/HTTP errors of any kind: no network, proxy, DNS
-        raise DataError(f"could not download MNIST through Keras ({type(error).__name__}); "
+        reason = str(error).strip().splitlines()[-1:] or [type(error).__name__]  # Keras: "URL fetch failure on ..."
+        raise DataError(f"could not download MNIST through Keras: {reason[0]}; "
                         "pass --data with a folder of the IDX .gz files or an mnist.npz") from None
     cache = os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "datasets", "mnist.npz")
     with open(cache, "rb") as handle:

@@ -24,3 +24,20 @@ def test_every_attempt_is_listed_with_why_it_ended(tmp_path):
          "error": "stopped without a recorded failure (driver or cluster gone)"},
         {"started_at": 50, "resumed_from": {"epoch": 2, "step": 0}},
     ]
+
+
+def test_a_spent_budget_says_how_many_failures_and_which_checkpoint_is_kept(tmp_path):
+    from ray.train import ControllerError, WorkerGroupError
+
+    from job import train
+    config = Config(output=str(tmp_path), run_name="r", max_failures=1)
+    records.append_record(config, "failures", {"failed_at": 5, "error": "from an earlier command", "retried": True})
+    records.append_record(config, "failures", {"failed_at": 11, "error": "rank 1: actor died", "retried": True})
+    records.append_record(config, "failures", {"failed_at": 12, "error": "rank 0: actor died", "retried": False})
+    lost = WorkerGroupError("rank 0 died", {0: RuntimeError("The actor died")})
+    assert train.failed_for_good(config, lost, 10, {"epoch": 2, "step": 40}) == (
+        "training failed 2 times, more than --max-failures 1 allows; the last time: rank 0: actor died; "
+        "the checkpoint of epoch 2 step 40 is kept: run the same command again to resume from it")
+    bad_image = WorkerGroupError("", {1: RuntimeError("Traceback ...\njob.errors.DataError: bad image x.jpg: truncated")})
+    assert train.failed_for_good(config, bad_image, 10, None) == "training failed: rank 0: actor died"
+    assert train.failed_for_good(config, ControllerError(ValueError("bug")), 13, None) == "training failed: ValueError: bug"

@@ -171,3 +171,17 @@ def test_resuming_mid_epoch_yields_the_rest_of_that_epoch_exactly():
     # one step = 2 local replicas' batches; epoch 1 starts at batch 12, its step 2 at batch 16
     for (x1, y1), (x2, y2) in zip(full[16:], rest, strict=True):
         assert np.array_equal(y1, y2) and np.allclose(x1, x2)
+
+
+def test_a_failed_download_says_what_went_wrong(monkeypatch):
+    from job import tfenv
+    _, keras = tfenv.tensorflow()
+
+    def unreachable():
+        raise Exception("URL fetch failure on https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz: "
+                        "None -- [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(keras.datasets.mnist, "load_data", unreachable)
+    with pytest.raises(DataError, match=r"^could not download MNIST through Keras: URL fetch failure on https://\S+: "
+                                        r"None -- \[Errno -3\] Temporary failure in name resolution; pass --data"):
+        mnist.load(None)
