@@ -289,7 +289,7 @@ def failure_policy(config, failure_config):
     """
     from ray.exceptions import RayActorError
     from ray.train import ControllerError, WorkerGroupError
-    from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError
     from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
 
     class RunFailurePolicy(DefaultFailurePolicy):
@@ -303,9 +303,12 @@ def failure_policy(config, failure_config):
                 decision = FailureDecision.RAISE
             else:
                 decision = super().make_decision(error)
-            records.append_record(config, "failures", {
-                "failed_at": time.time(), "error": failure_reasons(error),
-                "retried": decision == FailureDecision.RETRY})
+            waited = isinstance(error, ControllerError) and isinstance(
+                error.controller_failure, WorkerGroupStartupTimeoutError)
+            if not (waited and decision == FailureDecision.RETRY):  # waiting for nodes is no failure
+                records.append_record(config, "failures", {
+                    "failed_at": time.time(), "error": failure_reasons(error),
+                    "retried": decision == FailureDecision.RETRY})
             return decision
 
     return RunFailurePolicy(failure_config)

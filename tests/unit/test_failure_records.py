@@ -1,4 +1,5 @@
-"""records.attempt_history: the attempts metrics.json lists, from what the run recorded."""
+"""What a run makes of its failures: the failure policy's decisions and records, the attempts
+metrics.json lists, and the line a spent budget ends with."""
 
 from job import records
 from job.config import Config
@@ -41,3 +42,26 @@ def test_a_spent_budget_says_how_many_failures_and_which_checkpoint_is_kept(tmp_
     bad_image = WorkerGroupError("", {1: RuntimeError("Traceback ...\njob.errors.DataError: bad image x.jpg: truncated")})
     assert train.failed_for_good(config, bad_image, 10, None) == "training failed: rank 0: actor died"
     assert train.failed_for_good(config, ControllerError(ValueError("bug")), 13, None) == "training failed: ValueError: bug"
+
+
+def test_the_policy_counts_a_worker_lost_at_start_and_never_retries_a_users_error(tmp_path):
+    from ray.exceptions import ActorDiedError
+    from ray.train import ControllerError, FailureConfig, WorkerGroupError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
+
+    from job import train
+    config = Config(output=str(tmp_path), run_name="r", max_failures=2)
+    policy = train.failure_policy(config, FailureConfig(max_failures=2))
+    lost_at_start = ControllerError(ActorDiedError())  # what Ray 2.60 raises: not retried by its own policy
+    waited = ControllerError(WorkerGroupStartupTimeoutError(2))  # nodes still coming: retried, not a failure
+    decisions = [policy.make_decision(training_failed_error=error) for error in
+                 (lost_at_start, waited, WorkerGroupError("", {1: RuntimeError("died")}), lost_at_start)]
+    assert decisions == [FailureDecision.RETRY, FailureDecision.RETRY, FailureDecision.RETRY, FailureDecision.RAISE]
+    failures = records.read_records(config, "failures")
+    assert [(f["retried"], f["error"].split(":")[0]) for f in failures] == [
+        (True, "while the worker group started"), (True, "rank 1"), (False, "while the worker group started")]
+
+    fresh = train.failure_policy(config, FailureConfig(max_failures=2))
+    bad_image = WorkerGroupError("", {0: RuntimeError("Traceback ...\njob.errors.DataError: bad image x.jpg")})
+    assert fresh.make_decision(training_failed_error=bad_image) == FailureDecision.RAISE
