@@ -97,13 +97,15 @@ def run_submit(args, started_at) -> int:
     if args.manifest:
         if args.values or args.set or args.name:
             raise UserError("--manifest takes the RayJob as rendered: it cannot be combined with -f, --set or --name")
+        rayjob = cluster.read_manifest(args.manifest)  # the user's own input is checked first
         connection = connect(args)
-        submitted = cluster.submit_manifest(connection, args.manifest, args.generate_name, args.promote_if_better)
+        submitted = cluster.submit_manifest(connection, rayjob, args.generate_name, args.promote_if_better)
         wait_for = True
     else:
         if args.generate_name or args.promote_if_better:
             raise UserError("--generate-name and --promote-if-better go with --manifest")
         name = args.name or f"alexnet-train-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+        cluster.check_values_files(args.values)  # the user's own input is checked first
         connection = connect(args)
         submitted = cluster.submit(connection, name, args.values, args.set)
         wait_for = args.wait

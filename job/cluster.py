@@ -182,11 +182,16 @@ def helm_binary() -> str:
     raise UserError("helm is not installed: put helm 3 on PATH (https://helm.sh/docs/intro/install/)")
 
 
-def render(release: str, namespace: str, values_files: list[str] = (), sets: list[str] = ()) -> list[dict]:
-    """`helm template` of the chart: the objects one release makes (without the helm test pod)."""
+def check_values_files(values_files) -> None:
+    """The user's own values files first: before a cluster is looked for or helm runs."""
     for path in values_files:
         if not Path(path).is_file():
             raise UserError(f"values file {path} does not exist")
+
+
+def render(release: str, namespace: str, values_files: list[str] = (), sets: list[str] = ()) -> list[dict]:
+    """`helm template` of the chart: the objects one release makes (without the helm test pod)."""
+    check_values_files(values_files)
     command = [helm_binary(), "template", release, str(chart_path()), "--namespace", namespace, "--skip-tests"]
     for path in values_files:
         command += ["-f", str(path)]
@@ -307,17 +312,23 @@ def create_object(cluster: Cluster, obj: dict) -> None:
                         error.api_exceptions[0]) from None
 
 
-def submit_manifest(cluster: Cluster, path: str, generate_name: bool = False,
-                    promote_if_better: str | None = None, attempts: int = 5) -> Submitted:
-    """The schedule's path: create the RayJob the chart rendered into its ConfigMap. With
-    --generate-name it gets a unique name (`<name>-<5 chars>`, as Kubernetes' generateName) and
-    its run is named after it (`--run-name`), so a RayJob retry resumes that run."""
+def read_manifest(path: str) -> dict:
+    """A RayJob manifest as the chart rendered it (the schedule's ConfigMap holds one)."""
     try:
         rayjob = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as error:
         raise UserError(f"cannot read the RayJob manifest {path}: {one_line(error)}") from None
     if not isinstance(rayjob, dict) or rayjob.get("kind") != KIND or rayjob.get("apiVersion") != API_VERSION:
         raise UserError(f"{path} is not a {API_VERSION} {KIND} manifest")
+    return rayjob
+
+
+def submit_manifest(cluster: Cluster, rayjob: dict, generate_name: bool = False,
+                    promote_if_better: str | None = None, attempts: int = 5) -> Submitted:
+    """The schedule's path: create the RayJob the chart rendered into its ConfigMap (read by
+    read_manifest). With --generate-name it gets a unique name (`<name>-<5 chars>`, as
+    Kubernetes' generateName) and its run is named after it (`--run-name`), so a RayJob retry
+    resumes that run."""
     if cluster.namespace and not rayjob["metadata"].get("namespace"):
         rayjob["metadata"]["namespace"] = cluster.namespace
     require_kuberay(cluster)

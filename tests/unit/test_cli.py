@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from support import run_cli
+from support import error_line, run_cli
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["summary"], ["predict"]])
@@ -88,3 +88,10 @@ def test_predict_without_a_model_is_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == (f"alexnet-job: error: '{tmp_path}' is not a run: "
                                      "expected <output>/runs/<run-name> or <output>/latest")
+
+
+@pytest.mark.parametrize("flag", ["-f", "--manifest"])
+def test_a_missing_file_of_the_users_is_named_before_a_missing_cluster(flag, tmp_path):
+    missing = tmp_path / "missing.yaml"
+    line = error_line(run_cli("submit", flag, missing, env={"KUBECONFIG": str(tmp_path / "no-kubeconfig")}, timeout=60))
+    assert str(missing) in line and "Kubernetes" not in line, line
