@@ -58,7 +58,7 @@ def check_survived(result, marker, moment, output, lost=("died",)):
     assert {f["key"] for f in manifest["files"]} >= {"model.keras", "metrics.json", "config.yaml"}
     attempts = json.loads((output / "runs" / "r" / "metrics.json").read_text())["attempts"]
     assert len(attempts) == 2, attempts
-    assert attempts[0]["retried"] is True and any(word in attempts[0]["error"] for word in lost), attempts[0]
+    assert attempts[0]["retried"] is True and any(word in attempts[0]["error"].lower() for word in lost), attempts[0]
     assert "error" not in attempts[1], attempts[1]
 
 
@@ -80,7 +80,8 @@ def test_a_node_lost_at_this_moment_is_survived(moment, mnist_dir, tmp_path):
     try:
         address = json.loads(cluster.stdout.readline())["address"]
         result, marker = run_killed_at(moment, 1, mnist_dir, output, "--address", address, env={})
-        # Ray names a worker lost with its node dead, or unavailable if asked before it knows.
+        # Ray names a worker lost with its node dead, or unavailable if asked before it knows;
+        # or the survivor's all-reduce fails first: UnavailableError in CollectiveReduceV2.
         check_survived(result, marker, moment, output, lost=("died", "unavailable"))
     finally:
         cluster.stdin.write("shutdown\n")
