@@ -19,6 +19,9 @@ import time
 from job import records, storage, tfenv
 from job.errors import ConfigError, DataError, TrainingFailed
 
+# The "rank" the failure policy files a worker lost while its group starts under: which rank it
+# would have had is not known then.
+STARTING = -1
 EXCEPTION_LINE = re.compile(r"^([\w.]+(?:Error|Exception|Exit|Interrupt)): (.+)$")
 WORKER_ENV = {
     # Workers import TensorFlow themselves; this must be set before they do.
@@ -298,7 +301,8 @@ def failure_policy(config, failure_config):
             if isinstance(error, ControllerError) and isinstance(
                     error.controller_failure, (RayActorError, WorkerGroupStartupFailedError)):
                 lost = error.controller_failure
-                error = WorkerGroupError(f"a worker was lost while the worker group started: {lost}", {-1: lost})
+                error = WorkerGroupError(f"a worker was lost while the worker group started: {lost}",
+                                         {STARTING: lost})
             if any(map(users_error, worker_failures(error))):
                 decision = FailureDecision.RAISE
             else:
@@ -342,7 +346,7 @@ def failure_reasons(error) -> str:
     """One line per lost or failed worker (a Ray Train TrainingFailedError), joined by '; '."""
     from ray.train import ControllerError, WorkerGroupError
     if isinstance(error, WorkerGroupError):
-        return "; ".join(f"rank {rank}: {_last_line(failure)}" if rank >= 0 else
+        return "; ".join(f"rank {rank}: {_last_line(failure)}" if rank != STARTING else
                          f"while the worker group started: {_last_line(failure)}"
                          for rank, failure in sorted(error.worker_failures.items()))
     return _last_line(error.controller_failure if isinstance(error, ControllerError) else error)
