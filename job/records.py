@@ -3,8 +3,9 @@ their failures and the bad images its workers skipped.
 
 Each attempt of a run (a worker-group restart, or the same command run again) appends a line to
 attempts.jsonl when its chief starts, and the Train controller's failure policy one to
-failures.jsonl when it fails (a step watchdog adds its own first). The chief gathers them all into metrics.json. The driver,
-the controller and the workers all write here, so this module imports neither TensorFlow nor Ray.
+failures.jsonl when it fails (a step watchdog adds its own first). The chief gathers them all
+into metrics.json. The driver, the controller and the workers all write here, so this module
+imports neither TensorFlow nor Ray.
 """
 
 from __future__ import annotations
