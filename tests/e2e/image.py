@@ -96,6 +96,28 @@ def remove_created(absent_before: list[str]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def docker_cgroups() -> list[Path]:
+    """The cgroup dockerd (cgroupfs driver) puts its containers under, in every v1 hierarchy: it
+    makes it for its first container and leaves it behind when it stops."""
+    root = Path("/sys/fs/cgroup")
+    return [hierarchy / "docker" for hierarchy in sorted(root.iterdir()) if hierarchy.is_dir()] if root.is_dir() else []
+
+
+def remove_cgroups(cgroups: list[Path]) -> None:
+    """rmdir each cgroup that exists, its (empty) children first; one still in use stays."""
+    for cgroup in cgroups:
+        if cgroup.is_dir():
+            for child in sorted((p for p in cgroup.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                try:
+                    child.rmdir()
+                except OSError:
+                    pass
+            try:
+                cgroup.rmdir()
+            except OSError:
+                pass
+
+
 class ImageError(RuntimeError):
     pass
 
@@ -193,6 +215,7 @@ class Docker:
         ensure_packages()
         self.lock.acquire()
         self.absent_before = absent_state_paths()
+        self.cgroups_absent_before = [cgroup for cgroup in docker_cgroups() if not cgroup.exists()]
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.data_root.mkdir(parents=True, exist_ok=True)
         (self.workdir / "docker-config").mkdir(exist_ok=True)
@@ -227,6 +250,7 @@ class Docker:
         unmount_below(self.workdir / "docker-exec")
         unmount_below(self.data_root)
         remove_created(getattr(self, "absent_before", []))
+        remove_cgroups(getattr(self, "cgroups_absent_before", []))  # found missing on a new machine
         self.lock.release()
 
     def pid(self) -> int:
