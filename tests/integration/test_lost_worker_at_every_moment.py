@@ -38,8 +38,12 @@ def kill_env(moment, rank, marker, node=False):
             "ALEXNET_JOB_TEST_KILL_MARKER": str(marker), "ALEXNET_JOB_TEST_KILL_NODE": "1" if node else "0"}
 
 
+def kill_marker(output, moment, rank):
+    return output.parent / f"killed-{moment}-{rank}"
+
+
 def run_killed_at(moment, rank, mnist_dir, output, *extra, env=None):
-    marker = output.parent / f"killed-{moment}-{rank}"
+    marker = kill_marker(output, moment, rank)
     env = env if env is not None else kill_env(moment, rank, marker)
     result = run_cli("train", "--data", mnist_dir, "--workers", "2", "--epochs", "2", "--train-limit", "1600",
                      "--test-limit", "300", "--batch-size", "64",
@@ -73,10 +77,10 @@ def test_a_worker_killed_at_this_moment_is_survived(moment, rank, mnist_dir, tmp
 def test_a_node_lost_at_this_moment_is_survived(moment, mnist_dir, tmp_path):
     """A multi-node cluster (--address): a head and three 1-CPU nodes on loopback, each a real
     raylet; the raylet of the node running rank 1 is SIGKILLed, its workers go with it."""
-    output, marker = tmp_path / "out", tmp_path / f"killed-{moment}-1"
+    output = tmp_path / "out"
     cluster = subprocess.Popen([sys.executable, str(ROOT / "tests" / "integration" / "raycluster.py"), "3"],
                                cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                               env={**os.environ, **kill_env(moment, 1, marker, node=True)})
+                               env={**os.environ, **kill_env(moment, 1, kill_marker(output, moment, 1), node=True)})
     try:
         address = json.loads(cluster.stdout.readline())["address"]
         result, marker = run_killed_at(moment, 1, mnist_dir, output, "--address", address, env={})
