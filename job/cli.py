@@ -143,13 +143,19 @@ def run_train(args, started_at: float) -> int:
         print(f"{result.message}; not training it again (choose another --run-name for a new run)")
         return 0
     splits = data.load(config)  # a missing or corrupt dataset fails here, before Ray starts
-    print(f"training {config.model} on {config.dataset} ({splits.counts['train']} examples) with "
-          f"{config.workers} workers x {max(1, config.gpus_per_worker)} replicas, run {config.run_name}", flush=True)
-    from job import train
-    metrics = train.run(config, splits, started_at=started_at)
-    print(f"test accuracy {metrics['test_accuracy']:.4f}  test loss {metrics['test_loss']:.4f}  "
-          f"{metrics['images_per_second']:.0f} img/s  {metrics['wall_time_seconds']:.0f}s")
-    print(f"run written to {storage.run_uri(config.output, config.run_name)}")
+    from job import runlogs, train
+    # From here on the run has a place in its output: what this command prints is saved there.
+    with runlogs.Keeper(config.output, config.run_name, f"driver-{runlogs.stamp(started_at)}") as log:
+        print(f"training {config.model} on {config.dataset} ({splits.counts['train']} examples) with "
+              f"{config.workers} workers x {max(1, config.gpus_per_worker)} replicas, run {config.run_name}", flush=True)
+        try:
+            metrics = train.run(config, splits, started_at=started_at)
+        except (TrainingFailed, UserError) as error:  # main() prints it; the saved log says it too
+            log.add(f"{PROG}: {'error: ' if isinstance(error, UserError) else ''}{error}\n")
+            raise
+        print(f"test accuracy {metrics['test_accuracy']:.4f}  test loss {metrics['test_loss']:.4f}  "
+              f"{metrics['images_per_second']:.0f} img/s  {metrics['wall_time_seconds']:.0f}s")
+        print(f"run written to {storage.run_uri(config.output, config.run_name)}")
     return 0
 
 
@@ -178,13 +184,21 @@ def run_predict(args, started_at: float) -> int:
 
 
 def run_runs_list(args, started_at: float) -> int:
-    from job import storage
+    from job import progress, storage
     runs = list(reversed(storage.list_runs(args.output)))
+    # Runs still training (or stopped before publishing), from their progress records.
+    unfinished = progress.unfinished(args.output, {run.run for run in runs})
     if args.format == "json":
-        print(json.dumps([vars(run) for run in runs], indent=2))
+        print(json.dumps([{"run": record["run"], "complete": False, "state": progress.state(record), "progress": record}
+                          for record in unfinished] + [vars(run) for run in runs], indent=2))
         return 0
-    rows = [(run.run, run.time or "-", f"{run.test_accuracy:.4f}" if run.test_accuracy is not None else "-",
-             "complete" if run.complete else "incomplete", "latest" if run.latest else "") for run in runs]
+    rows = [(record["run"], "-", "-", f"{progress.state(record)} epoch {record['epoch']}/{record['epochs']} "
+             f"step {record['step']}/{record['steps_per_epoch']}" + (
+                 f" ETA {progress.duration(record['eta_seconds'])}"
+                 if progress.state(record) == "training" and record.get("eta_seconds") is not None else ""), "")
+            for record in unfinished]
+    rows += [(run.run, run.time or "-", f"{run.test_accuracy:.4f}" if run.test_accuracy is not None else "-",
+              "complete" if run.complete else "incomplete", "latest" if run.latest else "") for run in runs]
     header = ("RUN", "PUBLISHED (UTC)", "TEST ACC", "STATE", "")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:

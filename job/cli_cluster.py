@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from datetime import datetime, timezone
 
 
@@ -32,8 +33,12 @@ def add_commands(commands) -> None:
     submit.add_argument("--wait", action="store_true", help="wait until the job ends (always with --manifest)")
     common(submit)
 
-    status = command("status", "show a RayJob's state", run_status)
+    status = command("status", "show a RayJob's state and its run's progress", run_status)
     status.add_argument("name", metavar="NAME")
+    status.add_argument("-w", "--watch", action="store_true",
+                        help="show it again as it changes, until the job ends; exit 0 only if it succeeded")
+    status.add_argument("--interval", type=float, default=5.0, metavar="SECONDS",
+                        help="with --watch: how often to look (default: %(default)s)")
     common(status)
 
     listing = command("list", "list RayJobs, newest first", run_list)
@@ -124,20 +129,49 @@ def run_submit(args, started_at) -> int:
 
 
 def run_status(args, started_at) -> int:
-    from job import cluster
+    from job import cluster, progress
+    from job.errors import TrainingFailed, UserError
+    if args.interval <= 0:
+        raise UserError(f"--interval must be a positive number of seconds, not {args.interval:g}")
     connection = connect(args)
-    rayjob = cluster.get(connection, args.name)
-    info = cluster.summary(rayjob)
-    info["published"] = published(cluster.job_output(connection, rayjob), info["run_name"])
+    shown = None
+    while True:
+        rayjob = cluster.get(connection, args.name)
+        info = cluster.summary(rayjob)
+        output = cluster.job_output(connection, rayjob)
+        info["progress"] = progress.read(output, info["run_name"]) if output and info["run_name"] else None
+        info["published"] = published(output, info["run_name"])
+        if not args.watch:
+            emit(args, info, status_text(info))
+            return 0
+        seen = {k: v for k, v in info.items() if k != "progress"}, (info["progress"] or {}).get("updated_at")
+        if seen != shown:
+            if args.output == "json":
+                print(json.dumps(info), flush=True)  # one document per line
+            else:
+                if sys.stdout.isatty():
+                    print("\x1b[H\x1b[2J", end="")  # redraw in place
+                print(f"{datetime.now(timezone.utc).strftime('%H:%M:%S')}\n{status_text(info)}\n", flush=True)
+            shown = seen
+        if cluster.is_terminal(info):
+            if not cluster.succeeded(info):
+                raise TrainingFailed(f"RayJob {args.name} ended {info['job_deployment_status']}"
+                                     f"{' / ' + info['job_status'] if info['job_status'] else ''}")
+            return 0
+        time.sleep(args.interval)
+
+
+def status_text(info: dict) -> str:
+    from job import progress
     rows = [("name", info["name"]), ("namespace", info["namespace"]), ("run", info["run_name"] or "-"),
             ("deployment", info["job_deployment_status"]), ("job", info["job_status"] or "-"),
             ("reason", info["reason"] or "-"), ("message", info["message"] or "-"),
             ("started", info["start_time"] or "-"), ("ended", info["end_time"] or "-"),
             ("ray cluster", info["ray_cluster"] or "-"),
             ("workers", f"{info['workers_ready']}/{info['workers_desired']} ready"),
+            ("progress", progress.describe(info["progress"]) if info["progress"] else "-"),
             ("published", describe_published(info["published"]))]
-    emit(args, info, "\n".join(f"{key + ':':<12} {value}" for key, value in rows))
-    return 0
+    return "\n".join(f"{key + ':':<12} {value}" for key, value in rows)
 
 
 def published(output: str | None, run_name: str | None) -> dict | None:
@@ -177,12 +211,24 @@ def run_list(args, started_at) -> int:
 def run_logs(args, started_at) -> int:
     from job import cluster
     connection = connect(args)
+    lines = []
+    write = lines.append if args.output == "json" else (lambda line: print(line, flush=True))
+    source = "pod"
+    try:
+        cluster.logs(connection, args.name, args.follow, write)
+    except cluster.ClusterError as no_pod:
+        # The RayJob's pods are gone (or not there yet): what its run saved, if it saved anything.
+        saved = cluster.saved_logs(connection, args.name)
+        if not saved:
+            raise no_pod from None
+        uri, driver_log = saved
+        source = uri
+        print(f"(the pods of RayJob {args.name} are gone: its driver's output as saved with the run, {uri})",
+              file=sys.stderr, flush=True)
+        for line in driver_log.splitlines():
+            write(line)
     if args.output == "json":
-        lines = []
-        cluster.logs(connection, args.name, args.follow, lines.append)
-        emit(args, {"name": args.name, "lines": lines}, "")
-    else:
-        cluster.logs(connection, args.name, args.follow, lambda line: print(line, flush=True))
+        emit(args, {"name": args.name, "source": source, "lines": lines}, "")
     return 0
 
 

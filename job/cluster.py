@@ -472,6 +472,23 @@ def logs(cluster: Cluster, name: str, follow: bool = False, write=print) -> None
         response.release_conn()
 
 
+def saved_logs(cluster: Cluster, name: str) -> tuple[str, str] | None:
+    """(where, text) of the driver's output the RayJob's run saved in its storage (the newest
+    attempt's last: all of them, oldest first), or None if there is none or it cannot be read."""
+    from job import runlogs
+    from job.storage import StorageError
+    rayjob = get(cluster, name)
+    output, run_name = job_output(cluster, rayjob), run_name_of(rayjob)
+    if not (output and run_name):
+        return None
+    try:
+        uri, logs = runlogs.saved(output, run_name)
+    except (OSError, StorageError):
+        return None
+    drivers = [text for file, text in logs if file.startswith("driver-")]
+    return (uri, "".join(drivers)) if drivers else None
+
+
 # ----------------------------------------------------------------------------- cancel, prune
 
 def cancel(cluster: Cluster, name: str) -> None:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 import time
 
@@ -45,7 +46,12 @@ LOCAL_RAY_ENV = {
 # Ray Train's preemption watcher waits for a worker's node to be drained, which the one-node
 # cluster the command starts itself (no --address) never is; starting it also puts a Ray
 # core_worker error line ("constructor arguments in the object store") into every local run.
-OWN_CLUSTER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+OWN_CLUSTER_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # Ray 2.60 turns token authentication on for a new local cluster anyway, and says so in a
+    # warning on every run; asking for it explicitly keeps it on and the warning off.
+    "RAY_AUTH_MODE": "token",
+}
 # Read by the Train controller, which Ray Train gives the driver's values of these.
 CONTROLLER_ENV = {
     # The controller polls its workers this often (Ray's default is 2 s); a finished run is
@@ -65,6 +71,8 @@ def run(config, splits, *, started_at: float) -> dict:
         os.environ.update(LOCAL_RAY_ENV)
     for name, value in {**CONTROLLER_ENV, **({} if config.address else OWN_CLUSTER_ENV)}.items():
         os.environ.setdefault(name, value)
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray colours the workers' prefixes even in a log file
     import ray
 
     # Ray's TensorflowTrainer module imports TensorFlow, which the driver never runs: it loads
@@ -75,10 +83,15 @@ def run(config, splits, *, started_at: float) -> dict:
         _connect(ray, config)
     finally:
         tensorflow_import.join()
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
-    from job import tf_config, worker
+    from job import tf_config, tracking, worker
+
+    # One MLflow run per run name, found or made here (the driver runs once per attempt of the
+    # command); the chief logs into it.
+    tracker = tracking.Tracker(config.mlflow_tracking_uri)
+    mlflow_run_id = tracker.start(config.mlflow_experiment, config.run_name, config.to_dict())
 
     checkpoints_fs, checkpoints_path = storage.arrow_filesystem(storage.checkpoints_uri(config.output))
     trainer = for_this_run(TensorflowTrainer, config)(
@@ -89,6 +102,9 @@ def run(config, splits, *, started_at: float) -> dict:
             "config": config.to_dict(),
             "data": ray.put(splits),
             "started_at": started_at,
+            "mlflow_run_id": mlflow_run_id,
+            # On a terminal the chief draws a progress bar in each epoch (Ray's tqdm, drawn here).
+            "progress_bar": sys.stdout.isatty(),
         },
         scaling_config=ScalingConfig(
             num_workers=config.workers,
@@ -103,6 +119,10 @@ def run(config, splits, *, started_at: float) -> dict:
             failure_config=FailureConfig(max_failures=config.max_failures),
             callbacks=[abandoned_group_release()],
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            # The controller's INFO lines (resources requested, each worker's rank and pid) tell a
+            # user nothing the progress lines do not; its warnings and errors stay, and a retry
+            # prints its own line (failure_policy).
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     # The deadline: past it, the workers are stopped and the run's checkpoints stay for the next
@@ -125,6 +145,7 @@ def run(config, splits, *, started_at: float) -> dict:
         # Ray has already printed the workers' tracebacks; end with the one line that matters,
         # after them (shutting down stops the log lines Ray still forwards from the workers).
         ray.shutdown()
+        tracker.end("FAILED")
         if trainer.aborted:  # the deadline; the controller has shut the workers down and exited
             message = deadline_reached(config, last_checkpoint(checkpoints_fs, run_checkpoints))
             records.append_record(config, "failures", {"failed_at": time.time(), "error": message})
@@ -133,9 +154,13 @@ def run(config, splits, *, started_at: float) -> dict:
             raise
         raise TrainingFailed(failed_for_good(config, error, started_at,
                                              last_checkpoint(checkpoints_fs, run_checkpoints))) from None
+    except KeyboardInterrupt:
+        tracker.end("KILLED")
+        raise
     finally:
         if deadline:
             deadline.cancel()
+    tracker.end("FINISHED")
     # Now rather than at exit, where Ray first sleeps half a second for late log lines: the
     # workers' last lines came before their group was shut down.
     ray.shutdown()
@@ -229,9 +254,13 @@ def deadline_reached(config, reached: dict | None) -> str:
 
 def _connect(ray, config) -> None:
     """Join the cluster at config.address, or start a local one sized for the job."""
+    # Ray's own INFO lines are start-up chatter; the dashboard's address, the one worth
+    # knowing, is printed once below. Warnings and errors stay.
     runtime_env = {"env_vars": WORKER_ENV}
     if config.address:
-        ray.init(address=config.address, runtime_env=runtime_env, log_to_driver=True)
+        context = ray.init(address=config.address, runtime_env=runtime_env, log_to_driver=True,
+                           logging_level=logging.WARNING)
+        print_dashboard(context)
         return
     # Logical CPUs: two 1-CPU workers may share one core on a small laptop (slower, not stuck).
     needed_cpus = config.workers * config.cpus_per_worker
@@ -239,14 +268,20 @@ def _connect(ray, config) -> None:
     # 127.0.0.1 only. Its port is left to Ray: 8265, or the next free one of 50 if another run
     # holds it, found at bind time. A port probed free beforehand can be taken by one of the
     # node's own processes before the dashboard binds it.
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed_cpus), include_dashboard=True,
-             runtime_env=runtime_env, log_to_driver=True)
+    context = ray.init(num_cpus=max(os.cpu_count() or 1, needed_cpus), include_dashboard=True,
+                       runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
     have_gpus = ray.cluster_resources().get("GPU", 0)
     if config.workers * config.gpus_per_worker > have_gpus:
         ray.shutdown()
         raise ConfigError(f"{config.workers} workers x {config.gpus_per_worker} GPUs need "
                           f"{config.workers * config.gpus_per_worker} GPUs but this machine has "
                           f"{int(have_gpus)}; use --gpus-per-worker 0 here, or --address a GPU cluster")
+    print_dashboard(context)
+
+
+def print_dashboard(context) -> None:
+    if context.dashboard_url:
+        print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
 
 
 def is_loopback_address(address: str) -> bool:
@@ -310,9 +345,12 @@ def failure_policy(config, failure_config):
             waited = isinstance(error, ControllerError) and isinstance(
                 error.controller_failure, WorkerGroupStartupTimeoutError)
             if not (waited and decision == FailureDecision.RETRY):  # waiting for nodes is no failure
+                reasons = failure_reasons(error)
                 records.append_record(config, "failures", {
-                    "failed_at": time.time(), "error": failure_reasons(error),
-                    "retried": decision == FailureDecision.RETRY})
+                    "failed_at": time.time(), "error": reasons, "retried": decision == FailureDecision.RETRY})
+                if decision == FailureDecision.RETRY:
+                    # The one line a user sees of a retry (Ray's own are INFO lines, not shown).
+                    print(f"{reasons}; restarting the workers from the last checkpoint", flush=True)
             return decision
 
     return RunFailurePolicy(failure_config)

@@ -15,7 +15,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from job import records, storage, tfenv
+from job import precision, progress, records, runlogs, storage, tfenv, tracking
 from job.data import InputSettings
 from job.watchdog import StepWatchdog
 
@@ -30,12 +30,28 @@ def train_worker(loop_config: dict) -> None:
 
     config = Config(**loop_config["config"])
     context = ray.train.get_context()
+    # What this worker prints is saved with the run too; its first line says where it ran.
+    with runlogs.Keeper(config.output, config.run_name,
+                        f"worker-{runlogs.stamp(time.time())}-rank-{context.get_world_rank()}",
+                        first_line=f"rank {context.get_world_rank()} of {context.get_world_size()} on node "
+                                   f"{ray.util.get_node_ip_address()}, pid {os.getpid()}"):
+        train(config, context, loop_config)
+
+
+def train(config, context, loop_config: dict) -> None:
+    import ray
+    import ray.train
     is_chief = context.get_world_rank() == 0
 
     # Threads and devices before TensorFlow starts its runtime.
     tfenv.limit_threads(config.cpus_per_worker)
     tf, keras = tfenv.tensorflow()
     tf.get_logger().setLevel("ERROR")  # per-step collective INFO lines would drown the progress
+    # INFO lines of libraries that Ray Train's worker logging (the root logger at INFO) would
+    # print: absl's carry TensorFlow's SavedModel notes (a renamed input of `serve`, assets
+    # written); matplotlib's the font cache it builds the first time (a warning, too).
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
     # Ray Train's worker-side INFO lines repeat, per report and per worker, what the progress
     # line says (the metrics dict, the checkpoint's path): 3 lines an epoch for 2 workers. The
     # controller's INFO (worker group started, failure policy decisions) stays. The report line
@@ -43,8 +59,18 @@ def train_worker(loop_config: dict) -> None:
     from ray.train.v2._internal.execution import context as ray_train_context
     for worker_log in (logging.getLogger("ray.train"), ray_train_context.logger):
         worker_log.setLevel(logging.WARNING)
+    gpus, cuda_error = tfenv.visible_gpus()
+    if config.gpus_per_worker and not gpus:
+        print(f"warning: this worker was given {config.gpus_per_worker} GPU(s) but TensorFlow sees none "
+              f"({cuda_error or 'no CUDA device'}); it trains on its CPU", flush=True)
     for gpu in tf.config.list_physical_devices("GPU"):
         tf.config.experimental.set_memory_growth(gpu, True)  # share the GPU with the input pipeline
+    mixed_precision, why, warning = precision.choose(
+        config.mixed_precision, gpus if config.gpus_per_worker else [], precision.cpu_flags())
+    if is_chief:
+        print(f"precision: {precision.describe(mixed_precision)}; {why}", flush=True)
+        if warning:
+            print(warning, flush=True)
     from job import models
 
     # One strategy for one or many workers; each worker mirrors across its local GPUs, and
@@ -87,17 +113,20 @@ def train_worker(loop_config: dict) -> None:
 
     # Model and optimiser, created under the strategy so their variables are mirrored.
     with strategy.scope():
-        model = models.build(config.model, input_shape, len(splits.class_names), config.mixed_precision)
+        model = models.build(config.model, input_shape, len(splits.class_names), mixed_precision)
         models.compile_for_training(
             model, learning_rate_schedule(config, strategy.num_replicas_in_sync, steps_per_epoch, keras),
-            config.mixed_precision)
+            mixed_precision)
         if resume:
             restore(model, resume)
 
     # Train from where the run stands; a callback reports and checkpoints to Ray Train.
     staging = tempfile.mkdtemp(prefix=f"{config.run_name}-")
-    progress = EpochReporter(config, steps_per_epoch, loop_config["started_at"], is_chief, resume, watchdog)
-    callbacks = [progress]
+    reporter = EpochReporter(config, steps_per_epoch, loop_config["started_at"], is_chief, resume, watchdog,
+                             progress_bar=loop_config.get("progress_bar", False),
+                             tracker=tracking.Tracker(config.mlflow_tracking_uri if is_chief else None,
+                                                      loop_config.get("mlflow_run_id")))
+    callbacks = [reporter]
     if is_chief:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(staging, "tensorboard"),
                                                      write_graph=False, update_freq="epoch"))
@@ -116,10 +145,11 @@ def train_worker(loop_config: dict) -> None:
 
     if is_chief:
         try:
-            write_run(staging, config, splits, settings, model, progress, strategy.num_replicas_in_sync,
+            write_run(staging, config, splits, settings, model, reporter, strategy.num_replicas_in_sync,
                       steps_per_epoch, loop_config["started_at"], finished_training)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            reporter.close()
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -207,7 +237,8 @@ class EpochReporter(tfenv.tensorflow()[1].callbacks.Callback):
     finished training or validation batch, and every report, feeds the step watchdog.
     """
 
-    def __init__(self, config, steps_per_epoch, started_at, is_chief, resume, watchdog):
+    def __init__(self, config, steps_per_epoch, started_at, is_chief, resume, watchdog, progress_bar=False,
+                 tracker=None):
         super().__init__()
         # Take Keras' logs as tensors: with batch hooks, numpy logs would cost a device sync on
         # every step. They are read (as floats) at epoch ends only.
@@ -218,6 +249,14 @@ class EpochReporter(tfenv.tensorflow()[1].callbacks.Callback):
         self.first_step_at = None
         self.skipped = resume["step"] if resume else 0  # steps of the first epoch done before
         self.preemption_seen = None
+        # The chief shows how far the run is: a progress bar within each epoch where the command
+        # runs on a terminal (Ray's tqdm, drawn by the driver), and a record in the run's storage.
+        self.show_bar = is_chief and progress_bar
+        self.bar, self.bar_described_at = None, 0.0
+        self.epoch = min(resume["epoch"], config.epochs - 1) if resume else 0  # resumed after the last: finishing
+        self.record = progress.Writer(config.output, config.run_name) if is_chief else None
+        self.timed_from = None  # (time, steps done) the record's rate is measured from
+        self.tracker = tracker or tracking.Tracker(None)  # MLflow, on the chief when asked for
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.first_step_at is None:
@@ -229,6 +268,16 @@ class EpochReporter(tfenv.tensorflow()[1].callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self.watchdog.beat()
         every, step = self.config.checkpoint_every_steps, self.skipped + batch + 1
+        if self.bar is not None:
+            self.bar.update(1)
+            if time.time() - self.bar_described_at >= 1 and logs and "loss" in logs:  # a float() waits for the step
+                self.bar.set_description(f"epoch {self.epoch + 1}/{self.config.epochs} loss {float(logs['loss']):.4f}")
+                self.bar_described_at = time.time()
+        if self.record is not None:
+            if self.timed_from is None:  # the first step traces the model: ETA counts from its end
+                self.timed_from = (time.time(), self.epoch * self.steps + step)
+            elif self.record.due():
+                self.record.put(self.progress("training", step, logs))
         if step >= self.steps:
             return  # the epoch's own checkpoint follows
         if every and step % every == 0:
@@ -260,6 +309,10 @@ class EpochReporter(tfenv.tensorflow()[1].callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
         self.epoch_started = self.train_ended = time.time()
+        if self.show_bar:
+            from ray.experimental.tqdm_ray import tqdm
+            self.bar = tqdm(desc=f"epoch {epoch + 1}/{self.config.epochs}", total=self.steps, unit="step")
+            self.bar.n = self.skipped
 
     def on_test_begin(self, logs=None):
         self.train_ended = time.time()  # validation is not training throughput
@@ -273,9 +326,38 @@ class EpochReporter(tfenv.tensorflow()[1].callbacks.Callback):
                   "seconds": now - self.epoch_started}
         self.skipped = 0
         self.history.append(record)
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.record is not None:
+            self.record.put(self.progress("training", self.steps, logs))
         self._report(record, epoch=epoch + 1, step=0)
         if self.is_chief:
             print(format_epoch(record, self.config.epochs), flush=True)
+            self.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
+
+    def progress(self, state: str, step: int, logs=None) -> dict:
+        """The progress record: where the run is, its latest figures, and when it should end."""
+        now = time.time()
+        done = self.epoch * self.steps + step
+        rate = None
+        if self.timed_from and done > self.timed_from[1] and now > self.timed_from[0]:
+            rate = (done - self.timed_from[1]) / (now - self.timed_from[0])  # steps a second, this attempt
+        figures = {key: float(logs[key]) for key in ("loss", "accuracy", "val_loss", "val_accuracy") if logs and key in logs}
+        return {"run": self.config.run_name, "state": state, "epoch": self.epoch + 1, "epochs": self.config.epochs,
+                "step": step, "steps_per_epoch": self.steps, **figures,
+                "images_per_second": rate * self.config.batch_size if rate else None,
+                "elapsed_seconds": now - self.started_at,
+                "eta_seconds": (self.config.epochs * self.steps - done) / rate if rate else None}
+
+    def phase(self, state: str) -> None:
+        """The chief's steps after training: evaluating, publishing, published."""
+        if self.record is not None:
+            self.record.put({**self.progress(state, self.steps), "eta_seconds": None})
+
+    def close(self) -> None:
+        if self.record is not None:
+            self.record.close()
 
     def _report(self, metrics, *, epoch, step):
         import ray.train
@@ -301,7 +383,7 @@ def format_epoch(record: dict, epochs: int) -> str:
 
 # ----------------------------------------------------------------------------- the run's artifacts
 
-def write_run(staging, config, splits, settings, trained, progress, replicas, steps_per_epoch, started_at,
+def write_run(staging, config, splits, settings, trained, reporter, replicas, steps_per_epoch, started_at,
               finished_training) -> None:
     """Evaluate on the test set and publish model, metrics, curves and config (chief only)."""
     if storage.run_state(config.output, config.run_name) == "complete":
@@ -309,8 +391,11 @@ def write_run(staging, config, splits, settings, trained, progress, replicas, st
         # may have been stopped before it moved latest.json.
         result = storage.finish_publish(config.output, config.run_name, promote_if_better=config.promote_if_better)
         print(result.message, flush=True)
+        reporter.phase("published")
         return
     from job import models
+
+    reporter.phase("evaluating")
 
     # A plain copy of the trained weights, outside the strategy: evaluating and saving it needs
     # no collective with the other workers, and it is exactly what users will load.
@@ -325,7 +410,7 @@ def write_run(staging, config, splits, settings, trained, progress, replicas, st
     test, finish_test = splits.test(settings)
     test_metrics = model.evaluate(test, verbose=0, return_dict=True)
     finish_test()
-    history = progress.history
+    history = reporter.history
     plot_history(history, os.path.join(staging, "training_curves.png"))
     with open(os.path.join(staging, "config.yaml"), "w", encoding="utf-8") as handle:
         handle.write(config.to_yaml())
@@ -338,7 +423,7 @@ def write_run(staging, config, splits, settings, trained, progress, replicas, st
         "images_per_second": sum(r["images_per_second"] for r in trained_epochs) / len(trained_epochs),
         "wall_time_seconds": time.time() - started_at,
         # command start -> first step; none when this attempt resumed after the last epoch
-        "startup_seconds": progress.first_step_at - started_at if progress.first_step_at else None,
+        "startup_seconds": reporter.first_step_at - started_at if reporter.first_step_at else None,
         "workers": config.workers,
         "replicas": replicas,
         "global_batch": config.batch_size,
@@ -357,11 +442,17 @@ def write_run(staging, config, splits, settings, trained, progress, replicas, st
     }
     with open(os.path.join(staging, "metrics.json"), "w", encoding="utf-8") as handle:
         json.dump(metrics, handle, indent=2)
+    reporter.phase("publishing")
     result = storage.publish(staging, config.output, config.run_name, promote_if_better=config.promote_if_better,
                              manifest_extra={
                                  "metrics": {k: v for k, v in metrics.items() if k.startswith("test_")},
                                  **{k: metrics[k] for k in ("data", "packages", "started_at", "class_names", "model")}})
+    reporter.phase("published")
     print(result.message, flush=True)
+    reporter.tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("test_")}, step=config.epochs)
+    reporter.tracker.set_tags({"alexnet-job.storage": result.run_uri})
+    if result.promoted and (version := reporter.tracker.register_model(tracking.model_name(config.model), result.run_uri)):
+        print(f"registered in MLflow as version {version} of model {tracking.model_name(config.model)}", flush=True)
 
 
 def plot_history(history: list[dict], path: str) -> None:

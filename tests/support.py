@@ -12,6 +12,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 MNIST = SHARED / "datasets" / "mnist"
 TUTORIAL = SHARED / "reference" / "keras-alexnet-tutorial.md"
+# The tutorial's recipe (batch 64, Adam at 0.001, float32): what the training tests' small MNIST
+# subsets, step counts and accuracy bars were written for. The defaults are the full-MNIST recipe
+# (batch 256, warm-up and cosine, bf16 where native), tested as the README runs it by
+# tests/integration/test_default_run.py.
+TUTORIAL_RECIPE = ["--batch-size", "64", "--learning-rate", "0.001", "--warmup-epochs", "0", "--lr-decay", "none"]
+FLOAT32 = ["--mixed-precision", "off"]
 
 
 def run_cli(*args, env=None, cwd=None, timeout=900):

@@ -81,10 +81,10 @@ class E2E:
     def kubectl(self, *args, **kw):
         return self.run(self.tools / "kubectl", *args, **kw)
 
-    def cli(self, *args, kubeconfig: Path | None = None, timeout: float = 120, input=None):
-        """The real `alexnet-job` command line, in a fresh process on the host."""
+    def cli(self, *args, kubeconfig: Path | None = None, timeout: float = 120, input=None, env: dict | None = None):
+        """The real `alexnet-job` command line, in a fresh process on the host (`env`: added variables)."""
         return subprocess.run([sys.executable, "-m", "job.cli", *map(str, args)], capture_output=True, text=True,
-                              cwd=ROOT, env=self.env(kubeconfig), timeout=timeout, input=input)
+                              cwd=ROOT, env=self.env(kubeconfig, **(env or {})), timeout=timeout, input=input)
 
     def api(self):
         return self.plane.api()

@@ -5,6 +5,7 @@ chart loads, and the objects of the storage layout the tests read back."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,3 +60,16 @@ def read_json(s3: S3Server, key: str, bucket: str = MODELS) -> dict | None:
 def keys(s3: S3Server, prefix: str, bucket: str = MODELS) -> list[str]:
     pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def worker_nodes(s3: S3Server, run: str, bucket: str = MODELS) -> dict[int, str]:
+    """{rank: node address} of the run's workers, from the first line of each worker's log saved
+    with the run (job/runlogs.py): `rank R of N on node ADDRESS, pid P`."""
+    client = s3.client()
+    nodes = {}
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=f"checkpoints/{run}/logs/worker-").get("Contents", [])
+    for item in listed:
+        first = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read().decode().splitlines()[0]
+        rank, node = re.match(r"rank (\d+) of \d+ on node ([\d.]+), pid \d+$", first).groups()
+        nodes[int(rank)] = node
+    return nodes

@@ -7,6 +7,7 @@ subresource, as KubeRay itself would."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -93,11 +94,24 @@ def test_status_shows_the_published_metrics_once_they_exist(e2e, ns, tmp_path, m
         assert before["published"]["uri"] == "s3://e2e/cli/runs/alexnet-train-a"
         assert before["published"]["complete"] is False
 
+        for name, value in server.env.items():
+            monkeypatch.setenv(name, value)
+        # While it trains: the progress record its chief keeps in the job's output.
+        from job import progress
+        writer = progress.Writer("s3://e2e/cli", "alexnet-train-a")
+        writer.put({"run": "alexnet-train-a", "state": "training", "epoch": 2, "epochs": 5, "step": 30,
+                    "steps_per_epoch": 100, "loss": 0.1234, "accuracy": 0.9612, "images_per_second": 1180.0,
+                    "elapsed_seconds": 100.0, "eta_seconds": 125.0})
+        writer.close()
+        training = subprocess.run([sys.executable, "-m", "job.cli", "status", "alexnet-train-a", "-n", NS],
+                                  capture_output=True, text=True, cwd=ROOT, env=env)
+        assert training.returncode == 0, training.stderr
+        assert re.search(r"^progress: +training: epoch 2/5, step 30/100, loss 0\.1234, accuracy 0\.9612, 1180 img/s, "
+                         r"elapsed 1m40s, ETA 2m05s \(updated 0m\d\ds ago\)$", training.stdout, re.M), training.stdout
+
         run = tmp_path / "run"
         run.mkdir()
         (run / "metrics.json").write_text('{"test_accuracy": 0.9876}')
-        for name, value in server.env.items():
-            monkeypatch.setenv(name, value)
         storage.publish(run, "s3://e2e/cli", "alexnet-train-a",
                         manifest_extra={"metrics": {"test_accuracy": 0.9876, "test_loss": 0.0412}})
         after = subprocess.run([sys.executable, "-m", "job.cli", "status", "alexnet-train-a", "-n", NS],
@@ -160,6 +174,20 @@ def test_wait_reports_progress_and_exits_0_on_success(e2e, ns):
     assert "RayJob alexnet-train-a succeeded" in out
     info = status_json(e2e, "alexnet-train-a")
     assert (info["job_deployment_status"], info["job_status"]) == ("Complete", "SUCCEEDED") and info["end_time"]
+
+
+def test_status_watch_shows_each_change_until_the_job_ends(e2e, ns):
+    watch = subprocess.Popen([sys.executable, "-m", "job.cli", "status", "alexnet-train-b", "-n", NS, "--watch",
+                              "--interval", "0.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=ROOT, env=e2e.env())
+    time.sleep(3)
+    assert watch.poll() is None, "status --watch returned before the job ended"
+    set_status(e2e, "alexnet-train-b", jobDeploymentStatus="Failed", jobStatus="FAILED", reason="AppFailed")
+    out, err = watch.communicate(timeout=60)
+    assert watch.returncode == 1, (out, err)
+    assert "RayJob alexnet-train-b ended Failed / FAILED" in err
+    blocks = [b for b in out.split("\n\n") if b.strip()]
+    assert len(blocks) >= 2 and "job:         FAILED" in blocks[-1] and "FAILED" not in blocks[0], out
 
 
 def test_wait_exits_1_on_failure_with_the_reason(e2e, ns):

@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from e2elib import CHART
-from realpods import MODELS, VALUES, bridge_s3
+from e2elib import CHART, wait_until
+from realpods import MODELS, VALUES, bridge_s3, worker_nodes
 
 sys.path.insert(0, str(CHART.parents[1] / "tests"))  # support
 from support import write_digit_pngs  # noqa: E402
@@ -48,14 +48,16 @@ def test_submit_waits_for_a_job_that_trains_on_real_pods_and_publishes(e2e, trai
 
 def test_the_two_ranks_trained_in_different_pods(e2e, trained):
     from kubernetes import client
-    logs = e2e.cli("logs", RAYJOB, "-n", NS)
-    assert logs.returncode == 0, logs.stderr
     pods = client.CoreV1Api(e2e.api()).list_namespaced_pod(NS, label_selector="ray.io/node-type=worker").items
     worker_ips = {p.status.pod_ip for p in pods}
     assert len(worker_ips) == 2, worker_ips
-    # Ray prefixes a remote worker's output with its node's address.
-    train_worker_ips = set(re.findall(r"\(RayTrainWorker pid=\d+, ip=([\d.]+)\)", logs.stdout))
-    assert train_worker_ips == worker_ips, (train_worker_ips, worker_ips, logs.stdout[-3000:])
+    # Each worker's log, saved with the run, starts with its rank and its node's address.
+    ranks = worker_nodes(trained["s3"], RAYJOB)
+    assert sorted(ranks) == [0, 1] and set(ranks.values()) == worker_ips, (ranks, worker_ips)
+    # Ray prefixes a remote worker's output with its node's address: the chief's lines, in the driver's.
+    logs = e2e.cli("logs", RAYJOB, "-n", NS)
+    assert logs.returncode == 0, logs.stderr
+    assert re.search(rf"\(RayTrainWorker pid=\d+, ip={re.escape(ranks[0])}\) epoch 1/1 ", logs.stdout), logs.stdout[-3000:]
 
 
 def test_status_wait_and_list_see_the_finished_job(e2e, trained):
@@ -88,3 +90,22 @@ def test_the_object_store_was_reached_over_the_pod_bridge_only(trained):
     watch = trained["watch"]
     watch.sample()
     assert watch.sockets_seen > 0 and not watch.violations, watch.violations
+
+
+def test_status_shows_the_last_progress_and_logs_outlive_the_pods(e2e, trained):
+    from kubernetes import client
+    status = e2e.cli("status", RAYJOB, "-n", NS, env=trained["s3"].env)
+    assert status.returncode == 0, status.stderr
+    assert re.search(r"^progress: +published: epoch 1/1, step (\d+)/\1, ", status.stdout, re.M), status.stdout
+    # The Ray cluster goes once the job has ended (after the chart's job.ttlSecondsAfterFinished), the
+    # submitter's pod with its Job's TTL: both deleted now. `logs` then shows what the driver printed,
+    # saved with the run.
+    client.CustomObjectsApi(e2e.api()).delete_collection_namespaced_custom_object("ray.io", "v1", NS, "rayclusters")
+    core = client.CoreV1Api(e2e.api())
+    core.delete_collection_namespaced_pod(NS, label_selector=f"batch.kubernetes.io/job-name={RAYJOB}",
+                                          grace_period_seconds=0)
+    wait_until("no pod of the RayJob", lambda: not core.list_namespaced_pod(NS).items, timeout=120)
+    logs = e2e.cli("logs", RAYJOB, "-n", NS, env=trained["s3"].env)
+    assert logs.returncode == 0, logs.stderr
+    assert f"its driver's output as saved with the run, s3://{MODELS}/checkpoints/{RAYJOB}/logs" in logs.stderr
+    assert re.search(r"\) epoch 1/1 ", logs.stdout) and f"run {RAYJOB} published at" in logs.stdout, logs.stdout

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from e2elib import wait_until
-from realpods import VALUES, bridge_s3, keys, read_json
+from realpods import VALUES, bridge_s3, keys, read_json, worker_nodes
 
 pytestmark = pytest.mark.e2e
 
@@ -61,7 +61,7 @@ def evicted(e2e, tmp_path_factory, mnist_dir):
                        timeout=600, interval=0.5)
             # The pod without rank 0: its worker's report returns before the chief's upload ends,
             # and its pod must still wait for that upload (job/worker.py's barrier).
-            chief_ip = re.search(r"\(ip=([\d.]+), pid=\d+\) world_rank=0", e2e.cli("logs", rayjob, "-n", ns).stdout)[1]
+            chief_ip = worker_nodes(s3, rayjob)[0]
             (victim,) = [p.metadata.name for p in core.list_namespaced_pod(ns, label_selector="ray.io/node-type=worker").items
                          if p.status.pod_ip != chief_ip]
             core.create_namespaced_pod_eviction(victim, ns, {

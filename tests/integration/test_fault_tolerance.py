@@ -20,14 +20,14 @@ import psutil
 import pytest
 
 from freeze import frozen_threads
-from support import ROOT, run_cli, write_digit_pngs
+from support import FLOAT32, ROOT, TUTORIAL_RECIPE, run_cli, write_digit_pngs
 
 pytestmark = pytest.mark.integration
 
 
 def train_args(mnist_dir, output, run_name):
     return ["train", "--data", str(mnist_dir), "--workers", "2", "--epochs", "3", "--train-limit", "6000",
-            "--test-limit", "2000", "--output", str(output), "--run-name", run_name]
+            "--test-limit", "2000", *TUTORIAL_RECIPE, *FLOAT32, "--output", str(output), "--run-name", run_name]
 
 
 def start(args, log_path):

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from support import ROOT, run_cli
+from support import FLOAT32, ROOT, TUTORIAL_RECIPE, run_cli
 
 pytestmark = pytest.mark.integration
 KILLPOINTS = ROOT / "tests" / "killpoints"
@@ -46,7 +46,7 @@ def run_killed_at(moment, rank, mnist_dir, output, *extra, env=None):
     marker = kill_marker(output, moment, rank)
     env = env if env is not None else kill_env(moment, rank, marker)
     result = run_cli("train", "--data", mnist_dir, "--workers", "2", "--epochs", "2", "--train-limit", "1600",
-                     "--test-limit", "300", "--batch-size", "64",
+                     "--test-limit", "300", *TUTORIAL_RECIPE, *FLOAT32,
                      "--output", output, "--run-name", "r", *extra, env=env)
     return result, marker
 

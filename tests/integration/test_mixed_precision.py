@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from support import run_cli
+from support import TUTORIAL_RECIPE, run_cli
 from job.data import mnist
 
 pytestmark = pytest.mark.integration
@@ -22,7 +22,7 @@ TRAIN_LIMIT, TEST_LIMIT = 3000, 1000
 def run(tmp_path_factory, mnist_dir):
     output = tmp_path_factory.mktemp("output")
     result = run_cli("train", "--data", mnist_dir, "--workers", 2, "--epochs", 2, "--train-limit", TRAIN_LIMIT,
-                     "--test-limit", TEST_LIMIT, "--mixed-precision", "bf16", "--output", output, "--run-name", "it-bf16")
+                     "--test-limit", TEST_LIMIT, *TUTORIAL_RECIPE, "--mixed-precision", "bf16", "--output", output, "--run-name", "it-bf16")
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = output / "runs" / "it-bf16"
     return {"run_dir": run_dir, "metrics": json.loads((run_dir / "metrics.json").read_text())}

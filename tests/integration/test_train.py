@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from support import ROOT, run_cli, write_digit_pngs
+from support import FLOAT32, ROOT, TUTORIAL_RECIPE, run_cli, write_digit_pngs
 from netwatch import LoopbackWatch
 from job import config as configuration
 from job.data import mnist
@@ -44,7 +44,7 @@ def trained(tmp_path_factory, mnist_dir):
     output = tmp_path_factory.mktemp("output")
     command = [sys.executable, "-m", "job.cli", "train", "--data", str(mnist_dir), "--workers", "2",
                "--epochs", str(EPOCHS), "--train-limit", str(TRAIN_LIMIT), "--test-limit", str(TEST_LIMIT),
-               "--output", str(output), "--run-name", "it-mnist"]
+               *TUTORIAL_RECIPE, *FLOAT32, "--output", str(output), "--run-name", "it-mnist"]
     # Ray's default dashboard port held, as by another run on the machine: this one moves on.
     with listener_on(8265):
         process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

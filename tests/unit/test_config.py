@@ -51,7 +51,7 @@ def test_types_are_coerced_from_text():
     ({"learning_rate": "0"}, "learning_rate must be positive"),
     ({"epochs": "two"}, "epochs must be a whole number, not 'two'"),
     ({"input_shape": "28,28"}, "input_shape must be three positive numbers"),
-    ({"mixed_precision": "fp8"}, "mixed_precision must be one of off, bf16, fp16"),
+    ({"mixed_precision": "fp8"}, "mixed_precision must be one of auto, off, bf16, fp16"),
     ({"mixed_precision": "fp16"}, "fp16 needs GPUs"),
     ({"run_name": "My Run"}, "run_name 'My Run' is not valid"),
     ({"validation_fraction": "1"}, "validation_fraction must be in [0, 1)"),

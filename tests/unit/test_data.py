@@ -57,7 +57,8 @@ def test_npz_without_the_keras_arrays_is_rejected(tmp_path):
 
 
 def test_limits_and_validation_split_do_not_overlap(mnist_dir):
-    config = configuration.Config(data=str(mnist_dir), train_limit=1000, test_limit=300, validation_fraction=0.2)
+    config = configuration.Config(data=str(mnist_dir), train_limit=1000, test_limit=300, validation_fraction=0.2,
+                                  batch_size=64)
     splits = data.load(config)
     assert splits.counts == {"train": 800, "validation": 200, "test": 300}
     full = mnist.load(str(mnist_dir))[0][0]

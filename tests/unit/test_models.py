@@ -80,8 +80,9 @@ def test_learning_rate_scaling_warmup_and_cosine_decay():
     from job import tfenv, worker
     from job.config import Config
     _, keras = tfenv.tensorflow()
-    assert worker.learning_rate_schedule(Config(learning_rate=0.01), 4, 100, keras) == 0.01
-    assert worker.learning_rate_schedule(Config(learning_rate=0.01, scale_lr=True), 4, 100, keras) == 0.04
+    constant = dict(warmup_epochs=0, lr_decay="none")
+    assert worker.learning_rate_schedule(Config(learning_rate=0.01, **constant), 4, 100, keras) == 0.01
+    assert worker.learning_rate_schedule(Config(learning_rate=0.01, scale_lr=True, **constant), 4, 100, keras) == 0.04
     schedule = worker.learning_rate_schedule(
         Config(learning_rate=0.01, warmup_epochs=1, lr_decay="cosine", epochs=3), 1, 100, keras)
     rates = [float(schedule(step)) for step in (0, 49, 99, 100, 200, 299)]

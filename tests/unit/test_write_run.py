@@ -5,13 +5,13 @@ import time
 from types import SimpleNamespace
 
 from job import config as configuration
-from job import data, models, storage, worker
+from job import data, models, storage, tracking, worker
 
 
 def test_an_attempt_resumed_after_the_last_epoch_still_publishes(tmp_path, capsys):
     """Its predecessor stopped after the last checkpoint (a deadline, a lost driver, a failed
     publish): this attempt trains no step, so it has no time to its first step."""
-    config = configuration.load(None, {"dataset": "synthetic", "synthetic_examples": "128", "epochs": "1", "validation_fraction": "0",
+    config = configuration.load(None, {"dataset": "synthetic", "synthetic_examples": "128", "batch_size": "64", "epochs": "1", "validation_fraction": "0",
                                        "output": str(tmp_path), "run_name": "late"}, environ={})
     config.output = storage.parse_location(config.output).uri
     splits = data.load(config)
@@ -22,8 +22,10 @@ def test_an_attempt_resumed_after_the_last_epoch_still_publishes(tmp_path, capsy
     now = time.time()
     settings = data.InputSettings(global_batch=config.batch_size, steps_per_epoch=1, seed=0, augment=False,
                                   input_shape=worker.model_input_shape(config), cpus=1, on_bad=None)
+    phases = []
     worker.write_run(str(staging), config, splits, settings, model,
-                    SimpleNamespace(history=history, first_step_at=None), 2, 1, now - 60, now - 30)
+                     SimpleNamespace(history=history, first_step_at=None, phase=phases.append, tracker=tracking.Tracker(None)), 2, 1, now - 60, now - 30)
+    assert phases == ["evaluating", "publishing", "published"]  # what the progress record says meanwhile
     metrics = json.loads((tmp_path / "runs" / "late" / "metrics.json").read_text())
     assert metrics["startup_seconds"] is None and metrics["history"] == history
     assert json.loads((tmp_path / "latest.json").read_text())["run"] == "late"
@@ -32,8 +34,10 @@ def test_an_attempt_resumed_after_the_last_epoch_still_publishes(tmp_path, capsy
     # left as it is and the move is finished.
     (tmp_path / "latest.json").unlink()
     published = (tmp_path / "runs" / "late" / "manifest.json").read_bytes()
+    phases = []
     worker.write_run(str(staging), config, splits, settings, model,
-                    SimpleNamespace(history=history, first_step_at=None), 2, 1, now - 60, now - 30)
+                     SimpleNamespace(history=history, first_step_at=None, phase=phases.append, tracker=tracking.Tracker(None)), 2, 1, now - 60, now - 30)
+    assert phases == ["published"]
     assert "run late was already published" in capsys.readouterr().out
     assert (tmp_path / "runs" / "late" / "manifest.json").read_bytes() == published
     assert json.loads((tmp_path / "latest.json").read_text())["run"] == "late"
