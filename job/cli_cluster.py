@@ -110,7 +110,8 @@ def run_submit(args, started_at) -> int:
         if args.generate_name or args.promote_if_better:
             raise UserError("--generate-name and --promote-if-better go with --manifest")
         name = args.name or f"alexnet-train-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
-        cluster.check_values_files(args.values)  # the user's own input is checked first
+        cluster.check_values_files(args.values)  # the user's own input and tools are checked first
+        cluster.helm_binary()
         connection = connect(args)
         submitted = cluster.submit(connection, name, args.values, args.set)
         wait_for = args.wait

@@ -170,16 +170,12 @@ def chart_path() -> Path:
 
 
 def helm_binary() -> str:
-    """helm on PATH, else the one scripts/fetch-tools installs."""
+    """helm on PATH: `submit` renders the chart with it (users bring their own, as for `helm install`)."""
     found = shutil.which("helm")
-    if found:
-        return found
-    fetch = ROOT / "scripts" / "fetch-tools"
-    if fetch.is_file():
-        result = subprocess.run([str(fetch)], capture_output=True, text=True)
-        if result.returncode == 0:
-            return str(Path(result.stdout.strip()) / "helm")
-    raise UserError("helm is not installed: put helm 3 on PATH (https://helm.sh/docs/intro/install/)")
+    if not found:
+        raise UserError("helm is not installed: `alexnet-job submit` renders the chart with helm 3; install it "
+                        "(https://helm.sh/docs/intro/install/, e.g. `brew install helm`) or put it on PATH")
+    return found
 
 
 def check_values_files(values_files) -> None:

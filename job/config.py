@@ -147,6 +147,8 @@ class Config:
                 _require_positive(name, getattr(self, name))
         if self.gpus_per_worker < 0:
             raise ConfigError(f"gpus_per_worker must be 0 or more, not {self.gpus_per_worker}")
+        if not 0 <= self.seed < 2**32:  # NumPy's seeds; the chart's schema says the same
+            raise ConfigError(f"seed must be a whole number from 0 to {2**32 - 1}, not {self.seed}")
         if self.max_failures < -1:
             raise ConfigError(f"max_failures must be -1 (unlimited) or more, not {self.max_failures}")
         if self.learning_rate <= 0:

@@ -1,18 +1,21 @@
 """What a run records beside its checkpoints, in <output>/checkpoints/<run>/: its attempts,
 their failures and the bad images its workers skipped.
 
-Each attempt of a run (a worker-group restart, or the same command run again) appends a line to
-attempts.jsonl when its chief starts, and the Train controller's failure policy one to
-failures.jsonl when it fails (a step watchdog adds its own first). The chief gathers them all
+Each attempt of a run (a worker-group restart, or the same command run again) appends a record to
+attempts/ when its chief starts, and the Train controller's failure policy one to failures/ when
+it fails (a step watchdog adds its own first). Each process writes a file of its own in those
+folders (<host>-<pid>.jsonl); readers merge them in time order. The chief gathers them all
 into metrics.json. The driver, the controller and the workers all write here, so this module
 imports neither TensorFlow nor Ray.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
+import threading
 import time
 
 from job import storage
@@ -20,26 +23,48 @@ from job.errors import DataError
 
 
 def append_record(config, name: str, entry: dict) -> None:
-    """Add `entry` as the last line of the run's <name>.jsonl."""
-    filesystem, path = storage.arrow_filesystem(f"{storage.checkpoints_uri(config.output)}/{config.run_name}/{name}.jsonl")
-    previous = b"".join(json.dumps(record).encode() + b"\n" for record in read_records(config, name))
-    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    # Object stores cannot append: rewrite. Through a file of its own and a rename, so that two
-    # writers at once (two workers' watchdogs) leave one whole file, never a mix of both.
-    temporary = f"{path}.{socket.gethostname()}-{os.getpid()}"
-    with filesystem.open_output_stream(temporary) as out:
-        out.write(previous + json.dumps(entry).encode() + b"\n")
-    filesystem.move(temporary, path)
+    """Add `entry` as the last line of this process's part of the run's `name` records."""
+    filesystem, root = _filesystem(config.output)
+    folder = f"{root}/{config.run_name}/{name}"
+    path = f"{folder}/{WRITER}.jsonl"
+    with _lock:
+        # Object stores cannot append: this process rewrites its own file, which no other process
+        # writes (the driver, the controller and each worker have one each), so no line is lost
+        # to two writers at once. Through a temporary file and a rename: a reader sees it whole.
+        lines = _written.setdefault(path, [])
+        lines.append(json.dumps(entry).encode() + b"\n")
+        filesystem.create_dir(folder, recursive=True)
+        with filesystem.open_output_stream(f"{path}.writing") as out:
+            out.write(b"".join(lines))
+        filesystem.move(f"{path}.writing", path)
 
 
 def read_records(config, name: str) -> list[dict]:
-    """Every entry of the run's <name>.jsonl, oldest first ([] before the first)."""
-    filesystem, path = storage.arrow_filesystem(f"{storage.checkpoints_uri(config.output)}/{config.run_name}/{name}.jsonl")
-    try:
-        with filesystem.open_input_stream(path) as handle:
-            return [json.loads(line) for line in handle.read().splitlines() if line.strip()]
-    except FileNotFoundError:
-        return []
+    """Every process's `name` records of the run, in time order ([] before the first)."""
+    import pyarrow.fs as pafs
+
+    filesystem, root = _filesystem(config.output)
+    found = filesystem.get_file_info(pafs.FileSelector(f"{root}/{config.run_name}/{name}", allow_not_found=True))
+    records = []
+    for info in found:
+        if info.type == pafs.FileType.File and info.base_name.endswith(".jsonl"):
+            with filesystem.open_input_stream(info.path) as handle:
+                records += [json.loads(line) for line in handle.read().splitlines() if line.strip()]
+    return sorted(records, key=lambda r: next((r[k] for k in TIME_KEYS if r.get(k) is not None), 0))
+
+
+# Which field says when a record happened: attempts, failures, bad images.
+TIME_KEYS = ("started_at", "failed_at", "at")
+# This process's records file: one per process, named after its host and pid.
+WRITER = f"{socket.gethostname()}-{os.getpid()}"
+_written: dict[str, list[bytes]] = {}
+_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
+def _filesystem(output: str):
+    """(filesystem, path) of the output's checkpoints folder: one client per process and output."""
+    return storage.arrow_filesystem(storage.checkpoints_uri(output))
 
 
 def bad_image_reporter(config, rank: int):
@@ -67,8 +92,8 @@ def bad_images(config) -> dict:
 def attempt_history(config) -> list[dict]:
     """Every attempt: when it started, where it resumed from, and when and why it ended.
 
-    An attempt starts when its chief does (attempts.jsonl) and ends at a failure Ray Train
-    decided on (failures.jsonl); a step watchdog's reason (`ends_attempt` false) joins the
+    An attempt starts when its chief does (attempts/) and ends at a failure Ray Train
+    decided on (failures/); a step watchdog's reason (`ends_attempt` false) joins the
     failure that follows it. A failure with no attempt started since the one before it lost a
     worker before the chief began: an attempt of its own, with no start or checkpoint.
     """

@@ -207,9 +207,10 @@ def s3_settings(env: dict[str, str] | None = None) -> S3Settings:
 
 
 def _scoped_config(session) -> dict:
+    from botocore.exceptions import BotoCoreError
     try:
         return session.get_scoped_config()
-    except Exception as exc:  # e.g. AWS_PROFILE names a profile that does not exist
+    except BotoCoreError as exc:  # e.g. AWS_PROFILE names a profile that does not exist
         raise StorageError(f"cannot read the AWS configuration: {exc}") from None
 
 
@@ -270,7 +271,7 @@ def _boto_client(session, settings: S3Settings):
             verify=settings.ca_bundle or True,
             config=config,
         )
-    except Exception as exc:
+    except (ValueError, *_s3_errors()) as exc:  # ValueError: botocore's word for an endpoint URL that is none
         raise StorageError(f"cannot set up the S3 client: {type(exc).__name__}: {exc}") from None
 
 
@@ -283,6 +284,19 @@ _TRANSIENT_CODES = {
 
 class _Corrupt(Exception):
     """An object read back does not match what was sent (retried like a network error)."""
+
+
+def _s3_errors() -> tuple:
+    """What an S3 call raises for reasons outside this program: the errors of botocore, boto3 and
+    s3transfer, and the OS's. Only these become a user's one-line StorageError; anything else is
+    a bug and stays one (a traceback, exit 1)."""
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError
+    from s3transfer.exceptions import (RetriesExceededError, S3DownloadFailedError, S3UploadFailedError,
+                                       TransferNotDoneError)
+
+    return (BotoCoreError, ClientError, Boto3Error, S3UploadFailedError, S3DownloadFailedError, RetriesExceededError,
+            TransferNotDoneError, OSError, _Corrupt, StorageError)
 
 
 def _transient(exc: BaseException) -> bool:
@@ -630,7 +644,7 @@ class _S3Store:
         while True:
             try:
                 return fn()
-            except Exception as exc:
+            except _s3_errors() as exc:
                 if not (self.patient and _transient(exc)):
                     raise _explain(exc, what, self.settings, self.loc.bucket) from None
                 now = time.monotonic()
@@ -780,7 +794,7 @@ class _S3Store:
             if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                 raise StorageError(f"{self.uri(key)} does not exist") from None
             raise _explain(exc, f"read {self.uri(key)}", self.settings, self.loc.bucket) from None
-        except Exception as exc:
+        except _s3_errors() as exc:
             spool.close()
             raise _explain(exc, f"read {self.uri(key)}", self.settings, self.loc.bucket) from None
         spool.seek(0)

@@ -25,8 +25,8 @@ class TFConfig(BackendConfig):
 
     @property
     def framework(self):
-        from ray.train.v2._internal.util import TrainingFramework
-        return TrainingFramework.TENSORFLOW  # how Ray's state export names it
+        from job import ray_internals
+        return ray_internals.tensorflow_framework()  # how Ray's state export names it
 
 
 class TFConfigBackend(Backend):

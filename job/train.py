@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 
-from job import records, storage, tfenv
+from job import ray_internals, records, storage, tfenv
 from job.errors import ConfigError, DataError, TrainingFailed
 
 # The "rank" the failure policy files a worker lost while its group starts under: which rank it
@@ -175,9 +175,11 @@ def for_this_run(trainer_class, config):
     class RunTrainer(trainer_class):
         controller, aborted = None, False
 
+        # Both methods are Ray's private ones (job/ray_internals.py names them).
         def _initialize_and_run_controller(self, **controller_arguments):
             # Ray Train takes no failure policy of the user's: the one fit() made is swapped here.
-            controller_arguments["failure_policy"] = failure_policy(config, self.run_config.failure_config)
+            controller_arguments[ray_internals.FAILURE_POLICY_KEYWORD] = failure_policy(
+                config, self.run_config.failure_config)
             return super()._initialize_and_run_controller(**controller_arguments)
 
         def _register_sigint_handler(self, controller):
@@ -327,8 +329,8 @@ def failure_policy(config, failure_config):
     """
     from ray.exceptions import RayActorError
     from ray.train import ControllerError, WorkerGroupError
-    from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError
-    from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
+    DefaultFailurePolicy, FailureDecision, WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError = (
+        ray_internals.failure_handling())
 
     class RunFailurePolicy(DefaultFailurePolicy):
         def make_decision(self, training_failed_error):
@@ -361,9 +363,7 @@ def abandoned_group_release():
     start failed after its workers were up: Ray 2.60 abandons it, its placement group keeps the
     CPUs and GPUs the next group needs, and the retry waits for them forever (a local run) or
     runs beside a stray worker (a cluster). Released as the next group starts."""
-    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
-
-    class AbandonedGroupRelease(WorkerGroupCallback):
+    class AbandonedGroupRelease(ray_internals.worker_group_callback()):
         starting = None  # a group between its workers' start and its training's
 
         def after_worker_group_start(self, worker_group):

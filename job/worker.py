@@ -15,7 +15,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from job import precision, progress, records, runlogs, storage, tfenv, tracking
+from job import precision, progress, ray_internals, records, runlogs, storage, tfenv, tracking
 from job.data import InputSettings
 from job.watchdog import StepWatchdog
 
@@ -54,10 +54,8 @@ def train(config, context, loop_config: dict) -> None:
     logging.getLogger("matplotlib").setLevel(logging.ERROR)
     # Ray Train's worker-side INFO lines repeat, per report and per worker, what the progress
     # line says (the metrics dict, the checkpoint's path): 3 lines an epoch for 2 workers. The
-    # controller's INFO (worker group started, failure policy decisions) stays. The report line
-    # comes from a logger Ray 2.60 names after its file, outside "ray.train".
-    from ray.train.v2._internal.execution import context as ray_train_context
-    for worker_log in (logging.getLogger("ray.train"), ray_train_context.logger):
+    # report line comes from a logger Ray 2.60 names after its file, outside "ray.train".
+    for worker_log in (logging.getLogger("ray.train"), ray_internals.worker_report_logger()):
         worker_log.setLevel(logging.WARNING)
     gpus, cuda_error = tfenv.visible_gpus()
     if config.gpus_per_worker and not gpus:
@@ -241,7 +239,8 @@ class EpochReporter(tfenv.tensorflow()[1].callbacks.Callback):
                  tracker=None):
         super().__init__()
         # Take Keras' logs as tensors: with batch hooks, numpy logs would cost a device sync on
-        # every step. They are read (as floats) at epoch ends only.
+        # every step. They are read (as floats) at epoch ends, and on the chief at most once a
+        # second for the progress bar and every 10 s for the progress record.
         self._supports_tf_logs = True
         self.config, self.steps, self.started_at, self.is_chief = config, steps_per_epoch, started_at, is_chief
         self.watchdog = watchdog

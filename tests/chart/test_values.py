@@ -114,6 +114,15 @@ def test_training_options_are_the_clis_config_keys():
     assert training["dataset"]["enum"] == list(config.DATASETS)
     assert [v for v in training["mixed_precision"]["enum"] if v is not None] == list(config.MIXED_PRECISION)
     assert [v for v in training["lr_decay"]["enum"] if v is not None] == list(config.LR_DECAYS)
+    # the seed's range, as the CLI's validation checks it
+    for seed, accepted in ((-1, False), (0, True), (2**32 - 1, True), (2**32, False)):
+        in_schema = training["seed"]["minimum"] <= seed <= training["seed"]["maximum"]
+        try:
+            config.Config(seed=seed).validate()
+            in_cli = True
+        except config.ConfigError:
+            in_cli = False
+        assert in_schema == in_cli == accepted, seed
 
 
 def test_run_name_rule_is_the_clis():

@@ -114,7 +114,8 @@ def test_bad_images_fail_the_run_when_asked(datasets, tmp_path, s3_server):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("alexnet-job: training failed: ") and f"bad image {datasets['local']}/{BAD}" in last
     assert not (tmp_path / "latest.json").exists()
-    failures = [json.loads(line) for line in (tmp_path / "checkpoints" / "bad" / "failures.jsonl").read_text().splitlines()]
+    failures = [json.loads(line) for part in (tmp_path / "checkpoints" / "bad" / "failures").glob("*.jsonl")
+                for line in part.read_text().splitlines()]
     assert [f["retried"] for f in failures] == [False], failures
 
 

@@ -8,10 +8,32 @@ import pytest
 from support import error_line, run_cli
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["summary"], ["predict"]])
+def every_command() -> list[list[str]]:
+    """Every command and sub-command the parser knows, found by walking it (so none is missed)."""
+    import argparse
+
+    from job.cli import build_parser
+
+    def walk(parser, path):
+        yield path
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, [*path, name])
+    return list(walk(build_parser(), []))
+
+
+def test_the_walk_finds_every_command():
+    found = {" ".join(command) for command in every_command()}
+    assert {"train", "submit", "status", "logs", "runs list", "runs download", "dataset pack", "prune"} <= found
+    assert len(found) >= 17, sorted(found)
+
+
+@pytest.mark.parametrize("command", every_command(), ids=lambda command: " ".join(command) or "alexnet-job")
 def test_every_command_has_help(command):
     result = run_cli(*command, "--help")
-    assert result.returncode == 0 and result.stdout.startswith("usage: alexnet-job")
+    assert result.returncode == 0 and result.stdout.startswith(" ".join(["usage: alexnet-job", *command])), result.stdout
+    assert result.stderr == ""
 
 
 def test_train_help_lists_the_required_options():
@@ -95,3 +117,11 @@ def test_a_missing_file_of_the_users_is_named_before_a_missing_cluster(flag, tmp
     missing = tmp_path / "missing.yaml"
     line = error_line(run_cli("submit", flag, missing, env={"KUBECONFIG": str(tmp_path / "no-kubeconfig")}, timeout=60))
     assert str(missing) in line and "Kubernetes" not in line, line
+
+
+def test_submit_without_helm_says_how_to_get_it_before_looking_for_a_cluster(tmp_path):
+    """The product never fetches helm itself (that is the tests' scripts/fetch-tools)."""
+    line = error_line(run_cli("submit", env={"PATH": str(tmp_path), "KUBECONFIG": str(tmp_path / "no-kubeconfig")},
+                              timeout=60))
+    assert line == ("alexnet-job: error: helm is not installed: `alexnet-job submit` renders the chart with helm 3; "
+                    "install it (https://helm.sh/docs/intro/install/, e.g. `brew install helm`) or put it on PATH")

@@ -51,6 +51,8 @@ def test_types_are_coerced_from_text():
     ({"learning_rate": "0"}, "learning_rate must be positive"),
     ({"epochs": "two"}, "epochs must be a whole number, not 'two'"),
     ({"input_shape": "28,28"}, "input_shape must be three positive numbers"),
+    ({"seed": "-1"}, "seed must be a whole number from 0 to 4294967295, not -1"),
+    ({"seed": str(2**32)}, "seed must be a whole number from 0 to 4294967295, not 4294967296"),
     ({"mixed_precision": "fp8"}, "mixed_precision must be one of auto, off, bf16, fp16"),
     ({"mixed_precision": "fp16"}, "fp16 needs GPUs"),
     ({"run_name": "My Run"}, "run_name 'My Run' is not valid"),

@@ -65,3 +65,28 @@ def test_the_policy_counts_a_worker_lost_at_start_and_never_retries_a_users_erro
     fresh = train.failure_policy(config, FailureConfig(max_failures=2))
     bad_image = WorkerGroupError("", {0: RuntimeError("Traceback ...\njob.errors.DataError: bad image x.jpg")})
     assert fresh.make_decision(training_failed_error=bad_image) == FailureDecision.RAISE
+
+
+def test_two_processes_writing_at_once_lose_no_record(tmp_path):
+    """Each process appends to a file of its own; before, both rewrote one file and a line could go."""
+    import multiprocessing
+
+    config = Config(output=str(tmp_path), run_name="r")
+    context = multiprocessing.get_context("spawn")  # fresh processes: each its own records file
+    writers = [context.Process(target=_write_failures, args=(str(tmp_path), rank)) for rank in (0, 1)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(60)
+        assert writer.exitcode == 0
+    failures = records.read_records(config, "failures")
+    assert sorted((f["rank"], f["n"]) for f in failures) == [(rank, n) for rank in (0, 1) for n in range(20)]
+    assert [f["failed_at"] for f in failures] == sorted(f["failed_at"] for f in failures)  # in time order
+    assert len(list((tmp_path / "checkpoints" / "r" / "failures").glob("*.jsonl"))) == 2
+
+
+def _write_failures(output, rank):
+    import time
+    config = Config(output=output, run_name="r")
+    for n in range(20):
+        records.append_record(config, "failures", {"failed_at": time.time(), "error": "x", "rank": rank, "n": n})
