@@ -209,7 +209,11 @@ def test_a_killed_driver_resumes_from_s3_when_run_again_and_publishes_once(
             member.kill()
     psutil.wait_procs(tree, timeout=30)
     state = run_cli("runs", "list", output)
-    assert "driver-killed" not in state.stdout or "incomplete" in state.stdout
+    assert state.returncode == 0, state.stderr
+    # Not published: listed from its progress record, as training until the record is 2 minutes
+    # old (nothing can tell a dead run from a slow one sooner), with no test accuracy.
+    (row,) = [line for line in state.stdout.splitlines() if line.startswith("driver-killed ")]
+    assert re.fullmatch(r"driver-killed +- +- +(training|stopped) epoch [1-3]/3 step \d+/84.*", row), row
 
     again = start(args, tmp_path / "second.log")
     finish(again, tmp_path / "second.log")
