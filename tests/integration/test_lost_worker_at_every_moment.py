@@ -54,7 +54,10 @@ def run_killed_at(moment, rank, mnist_dir, output, *extra, env=None):
 def check_survived(result, marker, moment, output, lost=("died",)):
     assert marker.exists(), f"the kill point {moment} was never reached:\n{result.stdout[-2000:]}{result.stderr[-3000:]}"
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "actor is dead" not in (result.stderr.strip().splitlines() or [""])[-1]
+    # No line of the command's own says it failed (Ray 2.60 ended such runs "training failed: The
+    # actor is dead ..."). Ray's own report of the lost worker may well be stderr's last line now
+    # that its INFO lines after it are not printed.
+    assert not [line for line in result.stderr.splitlines() if line.startswith("alexnet-job:")], result.stderr[-3000:]
     runs = sorted(p.name for p in (output / "runs").iterdir())
     assert runs == ["r"], runs  # one run, nothing half-written beside it
     assert json.loads((output / "latest.json").read_text())["run"] == "r"
