@@ -135,11 +135,11 @@ def run_status(args, started_at) -> int:
     if args.interval <= 0:
         raise UserError(f"--interval must be a positive number of seconds, not {args.interval:g}")
     connection = connect(args)
-    shown = None
+    shown, output = None, None
     while True:
         rayjob = cluster.get(connection, args.name)
         info = cluster.summary(rayjob)
-        output = cluster.job_output(connection, rayjob)
+        output = output or cluster.job_output(connection, rayjob)  # its ConfigMap: read until found
         info["progress"] = progress.read(output, info["run_name"]) if output and info["run_name"] else None
         info["published"] = published(output, info["run_name"])
         if not args.watch:

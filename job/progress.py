@@ -63,11 +63,7 @@ class Writer:
                 if record is None:
                     return
             try:
-                self.filesystem.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
-                temporary = f"{self.path}.writing"
-                with self.filesystem.open_output_stream(temporary) as out:
-                    out.write(json.dumps(record).encode())
-                self.filesystem.move(temporary, self.path)  # a reader never sees half a record
+                storage.replace_file(self.filesystem, self.path, json.dumps(record).encode())
             except OSError as error:
                 if not self.failed:  # training goes on without it; said once
                     print(f"warning: cannot write the progress record {self.path}: {error}", flush=True)

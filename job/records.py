@@ -33,10 +33,7 @@ def append_record(config, name: str, entry: dict) -> None:
         # to two writers at once. Through a temporary file and a rename: a reader sees it whole.
         lines = _written.setdefault(path, [])
         lines.append(json.dumps(entry).encode() + b"\n")
-        filesystem.create_dir(folder, recursive=True)
-        with filesystem.open_output_stream(f"{path}.writing") as out:
-            out.write(b"".join(lines))
-        filesystem.move(f"{path}.writing", path)
+        storage.replace_file(filesystem, path, b"".join(lines))
 
 
 def read_records(config, name: str) -> list[dict]:

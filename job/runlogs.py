@@ -77,11 +77,7 @@ class Keeper:
         if len(text) == self.saved_length or self.failed:
             return
         try:
-            self.filesystem.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
-            temporary = f"{self.path}.writing"
-            with self.filesystem.open_output_stream(temporary) as out:
-                out.write(text.encode())
-            self.filesystem.move(temporary, self.path)  # a reader never sees half a file
+            storage.replace_file(self.filesystem, self.path, text.encode())
             self.saved_length = len(text)
         except OSError as error:  # the run goes on without its saved log; said once
             self.failed = True

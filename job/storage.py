@@ -1253,6 +1253,15 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+def replace_file(filesystem, path: str, data: bytes) -> None:
+    """Write `path` whole on a pyarrow filesystem, through a temporary file and a rename, so a
+    reader sees the old file or the new one, never half of one (object stores cannot append)."""
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(f"{path}.writing") as out:
+        out.write(data)
+    filesystem.move(f"{path}.writing", path)
+
+
 def arrow_filesystem(uri: str):
     """(pyarrow FileSystem, path) for `uri`, with the same endpoint, region, addressing style and CA
     bundle as boto3 (credentials: the AWS SDK's own default chain, so IRSA tokens keep refreshing).
