@@ -52,6 +52,11 @@ def write_digit_pngs(mnist_dir, folder, count=10):
     return paths, [int(y) for y in labels[:count]]
 
 
+def layer_rows(model):
+    """(layer type, output shape, parameters) of each layer, as Keras's summary lists them."""
+    return [(layer.__class__.__name__, tuple(layer.output_shape[1:]), layer.count_params()) for layer in model.layers]
+
+
 def make_run_folder(root, seed=0, big=300_000):
     """A run folder shaped like the trainer's: opaque files, some nested (storage tests)."""
     files = {
@@ -82,6 +87,36 @@ class ImageFolder:
     @property
     def counts(self) -> dict[str, int]:
         return {split: len(files) for split, files in self.files.items()}
+
+
+def write_drawn_mnist(folder, train=1200, test=400, seed=0):
+    """MNIST's four IDX .gz files in `folder`, of digits drawn with PIL's built-in font (each its
+    own size, place and stroke; the labels cycle 0-9): what the unit tier loads, so it needs
+    nothing outside the repository (../shared's real MNIST is not to be copied into it)."""
+    import gzip
+
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train), ("t10k", test)):
+        labels = np.arange(count, dtype=np.uint8) % 10
+        images = np.zeros((count, 28, 28), np.uint8)
+        for n, label in enumerate(labels):
+            size = int(rng.integers(14, 23))
+            font = ImageFont.load_default(size=size)
+            canvas = Image.new("L", (28, 28))
+            ImageDraw.Draw(canvas).text((int(rng.integers(4, 28 - size * 0.6)), int(rng.integers(-2, 28 - size))),
+                                        str(label), fill=255, font=font, stroke_width=int(rng.integers(0, 2)),
+                                        stroke_fill=255)
+            images[n] = np.asarray(canvas)
+        header = (2051).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (count, 28, 28))
+        (folder / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + images.tobytes(), mtime=0))
+        (folder / f"{split}-labels-idx1-ubyte.gz").write_bytes(
+            gzip.compress((2049).to_bytes(4, "big") + count.to_bytes(4, "big") + labels.tobytes(), mtime=0))
+    return folder
 
 
 IMAGE_FORMATS = ((".jpg", "JPEG"), (".png", "PNG"), (".jpeg", "JPEG"), (".png", "PNG"))  # half JPEG, half PNG

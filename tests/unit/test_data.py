@@ -14,14 +14,6 @@ from job.errors import DataError
 tf = pipeline.tf
 
 
-def test_idx_files_load_with_the_published_counts(mnist_dir):
-    (train_x, train_y), (test_x, test_y), location, fingerprint = mnist.load(str(mnist_dir))
-    assert train_x.shape == (60000, 28, 28, 1) and train_x.dtype == np.uint8
-    assert test_x.shape == (10000, 28, 28, 1) and test_y.shape == (10000,)
-    assert list(train_y[:20]) == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4, 3, 5, 3, 6, 1, 7, 2, 8, 6, 9]  # the tutorial's
-    assert test_y[0] == 7 and fingerprint.startswith("sha256:")
-
-
 def test_keras_npz_loads_the_same_arrays(mnist_dir, tmp_path):
     (train_x, train_y), (test_x, test_y), _, _ = mnist.load(str(mnist_dir))
     np.savez(tmp_path / "mnist.npz", x_train=train_x[..., 0], y_train=train_y, x_test=test_x[..., 0], y_test=test_y)
