@@ -13,29 +13,18 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from ports import free_port
+
 MLFLOW = "mlflow==3.17.2"  # 3.18.0 needs an mlflow-tracing the index does not have
 HOST = "127.0.0.1"
 # The first start installs the server into uv's cache (a minute or two); later ones take seconds.
 START_TIMEOUT = 600.0
-
-
-def _free_port() -> int:
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for port in range(low - 2000, low):  # below the ephemeral range: not taken by an outgoing connection
-        with socket.socket() as probe:
-            try:
-                probe.bind((HOST, port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port on {HOST} below {low}")
 
 
 class MLflowServer:
@@ -57,7 +46,7 @@ class MLflowServer:
                    "--artifacts-destination", str(self.workdir / "artifacts"), "--workers", "1"]
         log = open(self.workdir / "mlflow.log", "ab")
         for _ in range(3):  # a port found free can be taken before the server binds it: another one
-            self.port = _free_port()
+            self.port = free_port(HOST)
             self.process = subprocess.Popen([*command, "--host", HOST, "--port", str(self.port)], cwd=self.workdir,
                                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                             env={**os.environ, "MLFLOW_ENABLE_TELEMETRY": "false",

@@ -15,11 +15,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -30,9 +28,13 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 
+from ports import free_ports
+
 HOST = "127.0.0.1"
 REGION = "us-east-1"
 START_TIMEOUT = 60.0  # seconds to wait for the S3 gateway to answer
+PORT_ATTEMPTS = 3  # first starts, each on new ports, when weed finds one of its ports taken
+PORT_TAKEN_SIGNS = ("address already in use", "Port allocation failed")
 STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL (a graceful stop waits for uploads in flight)
 MAX_VOLUMES = 1000  # see start()
 PROBE_BUCKET = "readiness-probe"  # written to at every start, to know the server really serves data
@@ -64,28 +66,8 @@ def weed_binary() -> str:
     return found
 
 
-def _free_ports(n: int, host: str = HOST) -> list[int]:
-    """n distinct free TCP ports on `host`, below the kernel's ephemeral range: a port the kernel
-    hands out (bind to 0) can be taken by an outgoing connection before `weed` binds it, which
-    happened on a busy e2e run ("Port allocation failed ... is not available")."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    candidates = random.sample(range(10000, low), min(4 * n + 50, low - 10000))
-    socks = []
-    try:
-        for port in candidates:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                s.bind((host, port))
-            except OSError:
-                s.close()
-                continue
-            socks.append(s)
-            if len(socks) == n:
-                return [s.getsockname()[1] for s in socks]
-        raise RuntimeError(f"no {n} free ports on {host} below {low}")
-    finally:
-        for s in socks:
-            s.close()
+class PortTaken(RuntimeError):
+    """weed could not bind one of its ports: something took it after it was found free."""
 
 
 def _make_certificates(directory: Path) -> tuple[Path, Path, Path]:
@@ -116,18 +98,23 @@ class S3Server:
         # A short path: the server puts unix sockets in it (108-byte limit on socket paths).
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="weed-"))
-        names = [*_PORT_FLAGS.values(), *(["s3_https"] if tls else [])]
         self.host = host
-        self.ports = dict(zip(names, _free_ports(len(names), host)))
         self.tls = tls
+        self._pick_ports()
         self.ca_bundle: str | None = None
         self.access_key = "test-" + secrets.token_hex(8)
         self.secret_key = secrets.token_hex(20)
         self.region = REGION
-        self.endpoint = f"https://{host}:{self.ports['s3_https']}" if tls else f"http://{host}:{self.ports['s3']}"
         self.process: subprocess.Popen | None = None
         self._log = None
+        self._started = False  # restarts keep their ports: tests hold the endpoint
         self._closed = False
+
+    def _pick_ports(self) -> None:
+        names = [*_PORT_FLAGS.values(), *(["s3_https"] if self.tls else [])]
+        self.ports = dict(zip(names, free_ports(len(names), self.host)))
+        scheme, port = ("https", self.ports["s3_https"]) if self.tls else ("http", self.ports["s3"])
+        self.endpoint = f"{scheme}://{self.host}:{port}"
 
     # -- what tests use -------------------------------------------------------------------
     @property
@@ -169,11 +156,21 @@ class S3Server:
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the server (again, on the same ports and data) and wait until S3 answers."""
+        """Start the server (again, on the same ports and data) and wait until S3 answers. A first
+        start that finds one of its ports taken tries again on new ones."""
         if self._closed:
             raise RuntimeError("this S3Server was closed; make a new one")
         if self.running:
             return
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                return self._start()
+            except PortTaken:
+                if self._started or attempt == PORT_ATTEMPTS:
+                    raise
+                self._pick_ports()
+
+    def _start(self) -> None:
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
         config = self.workdir / "s3.json"
         config.write_text(json.dumps({"identities": [{
@@ -209,18 +206,20 @@ class S3Server:
             *tls_flags,
         ]
         self._log = open(self.workdir / "weed.log", "ab")
+        self._log_start = self._log.tell()
         self.process = subprocess.Popen(
             args, cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,  # a Ctrl-C in the terminal reaches pytest, which stops us properly
         )
         self._wait_ready()
+        self._started = True
 
     def _wait_ready(self) -> None:
         probe = self.client(config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=5))
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"weed exited with {self.process.returncode}:\n{self.log_tail()}")
+                self._give_up(f"weed exited with {self.process.returncode}")
             try:  # ready = an object can be written and read back (volumes registered, not just the gateway)
                 if PROBE_BUCKET not in [b["Name"] for b in probe.list_buckets()["Buckets"]]:
                     probe.create_bucket(Bucket=PROBE_BUCKET)
@@ -229,9 +228,15 @@ class S3Server:
                     return
             except Exception:
                 if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"S3 server not ready after {START_TIMEOUT:.0f} s:\n{self.log_tail()}")
+                    self._give_up(f"S3 server not ready after {START_TIMEOUT:.0f} s")
                 time.sleep(0.2)
+
+    def _give_up(self, why: str) -> None:
+        """Stop what this start began, and raise: PortTaken if weed logged that a port was taken."""
+        this_start = (self.workdir / "weed.log").read_bytes()[self._log_start:].decode(errors="replace")
+        self.stop()
+        failed = PortTaken if any(sign in this_start for sign in PORT_TAKEN_SIGNS) else RuntimeError
+        raise failed(f"{why}:\n{self.log_tail()}")
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL); the data directory is kept for start()."""

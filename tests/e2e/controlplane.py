@@ -26,7 +26,6 @@ import ipaddress
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -35,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT.parent / "shared" / "kuberay-crds"
@@ -97,12 +98,6 @@ def k8s_version() -> str:
         if fields[:1] == ["k8s.io/kubernetes"] and fields[1].startswith("v"):
             return fields[1]
     raise ControlPlaneError("no k8s.io/kubernetes version in tools/control-plane/go.mod")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build(env: dict | None = None) -> Path:

@@ -41,9 +41,10 @@ from pathlib import Path
 
 import yaml
 
-from controlplane import (ControlPlane, ControlPlaneError, PollTimeout, free_port, kubeconfig,
-                          lift_not_ready_taint, poll, sign, tail)
+from controlplane import (ControlPlane, ControlPlaneError, PollTimeout, kubeconfig, lift_not_ready_taint, poll,
+                          sign, tail)
 from image import CACHE, FIXED_STATE_PATHS, CacheLock, Docker, absent_state_paths, remove_created, unmount_below
+from ports import free_port
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 # Names of this session's own (two sessions on one machine must not share a bridge or cgroup).

@@ -247,7 +247,8 @@ def test_error_no_kube_context(e2e, tmp_path):
 
 
 def test_error_unreachable_cluster(e2e, tmp_path):
-    from controlplane import free_port, kubeconfig
+    from controlplane import kubeconfig
+    from ports import free_port
     port = free_port()  # nothing listens there
     path = tmp_path / "unreachable"
     path.write_text(yaml.safe_dump(kubeconfig(f"https://127.0.0.1:{port}", e2e.plane.pki / "ca.crt", "admin",
