@@ -45,7 +45,7 @@ def kill_marker(output, moment, rank):
 def run_killed_at(moment, rank, mnist_dir, output, *extra, env=None):
     marker = kill_marker(output, moment, rank)
     env = env if env is not None else kill_env(moment, rank, marker)
-    result = run_cli("train", "--data", mnist_dir, "--workers", "2", "--epochs", "2", "--train-limit", "1600",
+    result = run_cli("train", "--data", mnist_dir, "--workers", "2", "--epochs", "1", "--train-limit", "1600",
                      "--test-limit", "300", *TUTORIAL_RECIPE, *FLOAT32,
                      "--output", output, "--run-name", "r", *extra, env=env)
     return result, marker
