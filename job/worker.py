@@ -98,9 +98,11 @@ def train(config, context, loop_config: dict) -> None:
     input_shape = model_input_shape(config)
     steps_per_epoch = config.steps_per_epoch or splits.counts["train"] // config.batch_size
     validation_steps = splits.counts["validation"] // config.batch_size
+    skipped_before = frozenset(bad["image"] for bad in records.bad_images(config)["images"]) if resume else frozenset()
     settings = InputSettings(global_batch=config.batch_size, steps_per_epoch=steps_per_epoch,
                              seed=config.seed, augment=config.augment, input_shape=input_shape,
-                             cpus=config.cpus_per_worker, on_bad=records.bad_image_reporter(config, context.get_world_rank()))
+                             cpus=config.cpus_per_worker, on_bad=records.bad_image_reporter(config, context.get_world_rank()),
+                             skipped_before=skipped_before)
 
     def training_data(first_epoch, skip_steps=0):
         return strategy.distribute_datasets_from_function(

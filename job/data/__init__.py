@@ -109,6 +109,9 @@ class InputSettings:
     input_shape: tuple
     cpus: int
     on_bad: Callable[[str, str], None]  # (image, reason): report it, or raise to fail the run
+    # Images an earlier attempt of the run skipped as bad, as on_bad named them: a resumed
+    # stream passes them without counting them, as the uninterrupted one dropped them.
+    skipped_before: frozenset = frozenset()
 
 
 FILE_DATASETS = ("imagefolder", "tfrecord")

@@ -231,22 +231,24 @@ def training(data, context, settings, *, first_epoch: int = 0, skip_steps: int =
     per_replica = context.get_per_replica_batch_size(settings.global_batch)
     local_replicas = context.num_replicas_in_sync // context.num_input_pipelines
     per_epoch = settings.steps_per_epoch * local_replicas * per_replica
-    start = (first_epoch * settings.steps_per_epoch + skip_steps) * local_replicas * per_replica
+    trained = (first_epoch * settings.steps_per_epoch + skip_steps) * local_replicas * per_replica
     pipeline_id, pipelines = context.input_pipeline_id, context.num_input_pipelines
-    bad = BadImages(settings.on_bad, start)
 
-    def order(pass_number):
+    def shuffled(pass_number):
         return np.random.default_rng([settings.seed, pass_number]).permutation(len(files))[pipeline_id::pipelines]
 
+    # An imagefolder pass is one epoch of exactly per_epoch images.
+    order = shuffled if data.dataset.layout == "tfrecord" else lambda p: shuffled(p)[:per_epoch]
     reader = _reader(data)
+    start = _position_after(trained, files, order, data.dataset.layout, reader.root, settings)
+    bad = BadImages(settings.on_bad, start)
     if data.dataset.layout == "tfrecord":
         def stream():
             return _tfrecord_stream(files, reader, bad, passes=itertools.count(), order=order,
                                     seed=settings.seed, start=start)
     else:
-        def stream():  # an imagefolder pass is one epoch of exactly per_epoch images
-            return _imagefolder_stream(files, reader, bad, passes=itertools.count(),
-                                       order=lambda p: order(p)[:per_epoch], start=start)
+        def stream():
+            return _imagefolder_stream(files, reader, bad, passes=itertools.count(), order=order, start=start)
 
     base_seed = tf.constant(settings.seed * 1_000_003 + pipeline_id, tf.int64)
 
@@ -256,6 +258,36 @@ def training(data, context, settings, *, first_epoch: int = 0, skip_steps: int =
 
     return pipeline.endless(_batched(_dataset(stream), data.dataset.layout, prepare, settings.input_shape[2], bad,
                                      per_replica, drop_remainder=True, cpus=settings.cpus))
+
+
+def _position_after(trained, files, order, layout, root, settings) -> int:
+    """The stream position that follows `trained` training images: where the uninterrupted run
+    went on, past the bad images it dropped on the way (named in settings.skipped_before, in the
+    words BadImages reported them). Counted from the listing and the orders, reading nothing."""
+    if not settings.skipped_before:
+        return trained
+    root = root.rstrip("/")
+    skipped_files = [i for i, (path, _) in enumerate(files) if f"{root}/{path}" in settings.skipped_before]
+
+    def skipped_records(i):  # a TFRecord is named "<shard> record <n>"
+        prefix = f"{root}/{files[i][0]} record "
+        return [int(image[len(prefix):]) for image in settings.skipped_before if image.startswith(prefix)]
+
+    position, left = 0, trained
+    for pass_number in itertools.count():
+        picked = order(pass_number)
+        if not len(picked):
+            return position
+        if layout == "tfrecord":  # each shard's records in the order this pass reads them
+            marks = [np.isin(np.random.default_rng([settings.seed, pass_number, i]).permutation(files[i][1]),
+                             skipped_records(i)) for i in picked]
+        else:
+            marks = [np.isin(picked, skipped_files)]
+        for bad in marks:
+            good = len(bad) - int(bad.sum())
+            if left <= good:  # the last image trained is in here
+                return position + (int(np.searchsorted(np.cumsum(~bad), left)) + 1 if left else 0)
+            position, left = position + len(bad), left - good
 
 
 def evaluation(data, context, settings):

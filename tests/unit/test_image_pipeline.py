@@ -195,3 +195,27 @@ def test_fewer_val_shards_than_workers_still_feed_every_worker(packed):
     halves = [np.concatenate([x for x, _ in batches(splits.validation(context(p), settings()), 3)]) for p in (0, 1)]
     assert len(fingerprints(halves[0])) == len(fingerprints(halves[1])) == 6
     assert not fingerprints(halves[0]) & fingerprints(halves[1])
+
+
+@pytest.mark.parametrize("layout", ["imagefolder", "tfrecord"])
+def test_a_resumed_stream_passes_the_bad_images_skipped_before_without_counting_them(folder, tmp_path, layout):
+    import shutil
+    root = tmp_path / "copy"
+    shutil.copytree(folder.root, root)
+    for path, _ in folder.files["train"][::6]:  # 4 of the 24 training images cannot be decoded
+        (root / path).write_bytes(b"not an image")
+    if layout == "tfrecord":
+        from job.data import pack
+        pack.pack(str(root), str(tmp_path / "packed"), shards=4, val_shards=1, seed=0)
+        root = tmp_path / "packed"
+    splits = load(Config(dataset=layout, data=str(root), workers=2, batch_size=4).validate())
+    bad = []
+    whole = batches(splits.training(context(0), settings(bad)), 5)
+    # What the worker gets from the run's records when it resumes: the images skipped so far.
+    skipped = frozenset(image for image, _ in bad)
+    resumed = batches(splits.training(context(0), settings(skipped_before=skipped), first_epoch=1, skip_steps=1), 1)
+    np.testing.assert_array_equal(resumed[0][0], whole[4][0])
+    np.testing.assert_array_equal(resumed[0][1], whole[4][1])
+    # Counting the skipped images as trained would start early, by as many as were skipped.
+    early = batches(splits.training(context(0), settings(), first_epoch=1, skip_steps=1), 1)
+    assert not np.array_equal(early[0][0], whole[4][0])
