@@ -32,6 +32,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from s3server import S3Server  # noqa: E402
 
 from job import storage  # noqa: E402
+from job.storage.stores import S3Store  # noqa: E402
 
 
 def make_run(root: Path, total_mb: float) -> int:
@@ -79,7 +80,7 @@ def main() -> None:
             os.environ.update(server.env)
             bucket = server.create_bucket("bench")
             client = server.client()
-            real_verify = storage._S3Store._verify
+            real_verify = S3Store.verify
             counter = iter(range(10**6))
 
             def upload_file() -> None:
@@ -89,11 +90,11 @@ def main() -> None:
                 storage.publish(run_dir, f"s3://{bucket}/exp", f"run-{next(counter)}", manifest_extra={"metrics": {}})
 
             def publish_no_readback() -> None:
-                storage._S3Store._verify = lambda self, key, f: None
+                S3Store.verify = lambda self, key, f: None
                 try:
                     publish()
                 finally:
-                    storage._S3Store._verify = real_verify
+                    S3Store.verify = real_verify
 
             def publish_local() -> None:
                 storage.publish(run_dir, str(work / "local-out"), f"run-{next(counter)}", manifest_extra={"metrics": {}})

@@ -18,6 +18,8 @@ from typing import Any
 import yaml
 
 from job.errors import ConfigError
+from job.storage.gate import parse_gate  # the gate's syntax has one home: storage
+from job.storage.layout import RUN_NAME_RULE, is_run_name  # and so has the rule for run names
 
 # Each network's default input (H, W, C) and classes, from the reference tutorial. The builders
 # live in job.models (TensorFlow); this table is here so the driver can use it without TensorFlow.
@@ -28,7 +30,6 @@ BAD_IMAGES = ("skip", "fail")
 MIXED_PRECISION = ("auto", "off", "bf16", "fp16")
 LR_DECAYS = ("none", "cosine")
 ENV_PREFIX = "ALEXNET_JOB_"
-RUN_NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 
 
 def option(default: Any, help: str, **metadata: Any) -> Any:
@@ -167,8 +168,7 @@ class Config:
         if self.mixed_precision == "fp16" and self.gpus_per_worker == 0:
             raise ConfigError("mixed_precision fp16 needs GPUs (gpus_per_worker >= 1); use bf16 or off on CPU")
         if self.promote_if_better is not None:
-            from job import storage  # the gate's syntax has one home: the storage module
-            storage.parse_gate(self.promote_if_better)
+            parse_gate(self.promote_if_better)
         if self.mlflow_tracking_uri is not None and not re.match(r"^https?://[^/\s]+", self.mlflow_tracking_uri):
             raise ConfigError(f"mlflow_tracking_uri must be the http:// or https:// address of an MLflow tracking "
                               f"server, not {self.mlflow_tracking_uri!r}")
@@ -176,10 +176,8 @@ class Config:
             raise ConfigError("mlflow_experiment must be a name, not empty")
         if self.run_name is None:
             self.run_name = f"{self.model}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-        if not RUN_NAME_PATTERN.match(self.run_name):
-            raise ConfigError(
-                f"run_name {self.run_name!r} is not valid; use lowercase letters, digits, '-' and '.', "
-                "at most 63 characters, starting and ending with a letter or digit")
+        if not is_run_name(self.run_name):
+            raise ConfigError(f"run_name {self.run_name!r} is not valid; use {RUN_NAME_RULE}")
         return self
 
 

@@ -132,7 +132,7 @@ def pack(src: str, dst: str, *, shards: int, val_shards: int | None = None, seed
                       sum(sizes), time.monotonic() - started)
 
 
-def _delete_dataset(store, description: bytes) -> None:
+def _delete_dataset(store: storage.Store, description: bytes) -> None:
     """An old packed dataset: dataset.json first (it stops being a dataset), then its shards."""
     store.delete(sources.DATASET_FILE)
     try:
@@ -144,7 +144,8 @@ def _delete_dataset(store, description: bytes) -> None:
             store.delete(name)
 
 
-def _write_shards(dataset, planned: list[Shard], store, dst: str, show_progress: bool, moved: list[str]) -> list[int]:
+def _write_shards(dataset, planned: list[Shard], store: storage.Store, dst: str, show_progress: bool,
+                  moved: list[str]) -> list[int]:
     """Write every shard and move it into the store (uploading one while writing the next), naming
     each in `moved` as it goes there; returns their sizes."""
     from tqdm import tqdm

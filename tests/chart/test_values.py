@@ -126,10 +126,10 @@ def test_training_options_are_the_clis_config_keys():
 
 
 def test_run_name_rule_is_the_clis():
-    from job import config
+    from job.storage.layout import is_run_name
     pattern = re.compile(schema()["properties"]["runName"]["pattern"])
     for name in ("nightly", "run-1.2", "a", "x" * 63, "My_Run", "-run", "run-", "x" * 64, "run/1"):
-        assert bool(pattern.match(name)) == bool(config.RUN_NAME_PATTERN.match(name)), name
+        assert bool(pattern.match(name)) == is_run_name(name), name
 
 
 def _chart_docs_module():

@@ -16,6 +16,7 @@ import pytest
 from job import storage, tfenv
 from job.data import pack, sources
 from job.errors import DataError, UserError
+from job.storage.stores import S3Store
 from support import error_line, run_cli, upload_folder, write_image_folder
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -130,7 +131,7 @@ def test_pack_local_to_local(folder, tmp_path):
 def test_pack_s3_to_s3_uploads_shard_by_shard_and_dataset_json_last(s3_server, s3_env, s3_folder, folder, bucket,
                                                                     staging, tmp_path, monkeypatch):
     writes = []  # (key, shards on local disk at that moment)
-    move_in, write = storage._S3Store.move_in, storage._S3Store.write
+    move_in, write = S3Store.move_in, S3Store.write
 
     def spy_move_in(self, path, key):
         writes.append((key, len(list(staging.rglob("*.tfrecord")))))
@@ -140,8 +141,8 @@ def test_pack_s3_to_s3_uploads_shard_by_shard_and_dataset_json_last(s3_server, s
         writes.append((key, 0))
         return write(self, key, data)
 
-    monkeypatch.setattr(storage._S3Store, "move_in", spy_move_in)
-    monkeypatch.setattr(storage._S3Store, "write", spy_write)
+    monkeypatch.setattr(S3Store, "move_in", spy_move_in)
+    monkeypatch.setattr(S3Store, "write", spy_write)
     dst = f"s3://{bucket}/packed"
     result = pack.pack(s3_folder, dst, shards=4, val_shards=2, seed=0)
 
@@ -182,7 +183,7 @@ def test_an_unreadable_image_stops_the_pack_and_leaves_no_dataset(s3_server, s3_
     src, dst = upload_folder(s3_server.client(), folder.root, bucket, "images"), f"s3://{bucket}/packed"
     pack.pack(src, dst, shards=2, seed=0)  # the dataset that --overwrite replaces
     victim = pack.plan(sources.list_imagefolder(src), 4, None, 0)[3].files[0][0]  # first image of the last train shard
-    list_imagefolder, move_in, uploaded = sources.list_imagefolder, storage._S3Store.move_in, []
+    list_imagefolder, move_in, uploaded = sources.list_imagefolder, S3Store.move_in, []
 
     def list_then_lose_one(root):
         listing = list_imagefolder(root)
@@ -194,7 +195,7 @@ def test_an_unreadable_image_stops_the_pack_and_leaves_no_dataset(s3_server, s3_
         return move_in(self, path, key)
 
     monkeypatch.setattr(sources, "list_imagefolder", list_then_lose_one)
-    monkeypatch.setattr(storage._S3Store, "move_in", spy_move_in)
+    monkeypatch.setattr(S3Store, "move_in", spy_move_in)
     with pytest.raises(DataError) as failure:
         pack.pack(src, dst, shards=4, seed=0, overwrite=True)
     assert f"{src}/{victim} cannot be read" in str(failure.value) and "\n" not in str(failure.value)

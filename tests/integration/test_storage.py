@@ -15,7 +15,8 @@ import pytest
 
 from job import storage
 from support import make_run_folder
-from job.storage import StorageError
+from job.storage import StorageError, gate, publishing
+from job.storage.stores import S3Store
 from s3server import S3Server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -161,11 +162,12 @@ def test_killed_publish_leaves_nothing_complete(s3_server, bucket, tmp_path):
 SEAL_AND_DIE = """
 import os, sys
 from job import storage
-move_latest = storage._move_latest
+from job.storage import publishing
+move_latest = publishing.move_latest
 def die_at_the_latest_write(store, *args, **kwargs):
     store.write_if = lambda *_, **__: os._exit(17)  # the manifest is sealed; latest.json is next
     return move_latest(store, *args, **kwargs)
-storage._move_latest = die_at_the_latest_write
+publishing.move_latest = die_at_the_latest_write  # where publish reads it
 storage.publish(sys.argv[1], sys.argv[2], sys.argv[3], manifest_extra={"metrics": {"test_accuracy": 0.9}})
 """
 
@@ -253,14 +255,14 @@ def test_objects_are_verified_after_upload(s3_server, bucket, tmp_path, monkeypa
     monkeypatch.setenv("ALEXNET_JOB_S3_RETRY_SECONDS", "2")
     output = f"s3://{bucket}/exp"
     run = make_run(tmp_path / "run")
-    real_scan = storage._scan
+    real_scan = publishing.scan
 
     def scan_then_change(path):
         files = real_scan(path)
         (run / "model.keras").write_bytes(os.urandom((run / "model.keras").stat().st_size))  # same size
         return files
 
-    monkeypatch.setattr(storage, "_scan", scan_then_change)
+    monkeypatch.setattr(publishing, "scan", scan_then_change)  # where publish reads it
     with pytest.raises(StorageError, match="model.keras read back as .* with another sha256: the local file changed"):
         storage.publish(run, output, "r1", manifest_extra=extra())
     assert storage.run_state(output, "r1") == "incomplete"
@@ -275,7 +277,7 @@ def test_racing_publishers_forced_interleaving(s3_server, bucket, tmp_path, monk
     storage.publish(make_run(tmp_path / "base"), output, "base", manifest_extra=extra())
     barrier = threading.Barrier(2, timeout=60)
     reads = {"older": 0, "newer": 0}
-    real_read, real_write_if, real_manifest = storage._read_latest, storage._S3Store.write_if, storage._new_manifest
+    real_read, real_write_if, real_manifest = gate.read_latest, S3Store.write_if, publishing.new_manifest
     # The order is forced by events, not by sleeps, which a loaded machine can outrun: "older" is
     # stamped published_at first, and writes latest.json only after "newer" has.
     older_stamped, newer_wrote = threading.Event(), threading.Event()
@@ -304,9 +306,9 @@ def test_racing_publishers_forced_interleaving(s3_server, bucket, tmp_path, monk
         newer_wrote.set()
         return written
 
-    monkeypatch.setattr(storage, "_new_manifest", new_manifest)
-    monkeypatch.setattr(storage, "_read_latest", read_latest)
-    monkeypatch.setattr(storage._S3Store, "write_if", write_if)
+    monkeypatch.setattr(publishing, "new_manifest", new_manifest)  # where publish reads it
+    monkeypatch.setattr(gate, "read_latest", read_latest)  # where move_latest reads it
+    monkeypatch.setattr(S3Store, "write_if", write_if)
     results, errors = {}, []
 
     def go(name):
@@ -432,8 +434,8 @@ def test_resolve_model_downloads_once_and_follows_latest(s3_server, bucket, tmp_
     run_a = make_run(tmp_path / "a")
     storage.publish(run_a, output, "a", manifest_extra=extra())
     fetched = []
-    real_fetch = storage._S3Store.fetch
-    monkeypatch.setattr(storage._S3Store, "fetch", lambda self, key, dest: fetched.append(key) or real_fetch(self, key, dest))
+    real_fetch = S3Store.fetch
+    monkeypatch.setattr(S3Store, "fetch", lambda self, key, dest: fetched.append(key) or real_fetch(self, key, dest))
 
     path = storage.resolve_model(f"{output}/latest")
     assert path == tmp_path / "cache" / "s3" / bucket / "exp" / "runs" / "a"

@@ -12,7 +12,8 @@ import pytest
 
 from job import storage
 from support import make_run_folder
-from job.storage import StorageError
+from job.storage import StorageError, gate
+from job.storage.stores import LocalStore
 
 
 def make_run(root: Path, seed: int = 0, big: int = 3_000_000) -> Path:
@@ -114,7 +115,7 @@ def test_republish_finishes_an_interrupted_latest_move(run_dir, out, monkeypatch
     def die(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(storage._LocalStore, "write_if", die)
+    monkeypatch.setattr(LocalStore, "write_if", die)
     with pytest.raises(KeyboardInterrupt):
         storage.publish(run_dir, str(out), "r1", manifest_extra=extra())
     assert storage.run_state(str(out), "r1") == "complete" and not (out / "latest.json").exists()
@@ -222,7 +223,7 @@ def test_racing_publishes_do_not_clobber_latest(tmp_path, out, monkeypatch):
     storage.publish(make_run(tmp_path / "base", 0), str(out), "base", manifest_extra=extra())
     barrier = threading.Barrier(2, timeout=30)
     reads = {"older": 0, "newer": 0}
-    real_read, real_write_if = storage._read_latest, storage._LocalStore.write_if
+    real_read, real_write_if = gate.read_latest, LocalStore.write_if
 
     def read_latest(store):
         current = real_read(store)
@@ -237,8 +238,8 @@ def test_racing_publishes_do_not_clobber_latest(tmp_path, out, monkeypatch):
             time.sleep(0.5)  # the newer run writes first
         return real_write_if(self, key, data, tag)
 
-    monkeypatch.setattr(storage, "_read_latest", read_latest)
-    monkeypatch.setattr(storage._LocalStore, "write_if", write_if)
+    monkeypatch.setattr(gate, "read_latest", read_latest)  # where move_latest reads it
+    monkeypatch.setattr(LocalStore, "write_if", write_if)
     results = {}
 
     def go(name, path):

@@ -4,8 +4,11 @@ import os
 
 import pytest
 
-from job import storage
+from job import config, storage
+from job.errors import ConfigError
 from job.storage import Location, StorageError
+from job.storage.gate import Latest, decide
+from job.storage.s3 import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_SECONDS
 
 
 @pytest.fixture
@@ -72,8 +75,27 @@ def test_bad_run_names(name, tmp_path):
         storage.run_uri(str(tmp_path), name)
 
 
+@pytest.mark.parametrize("name", ["nightly", "r1", "run-1.2", "a", "x" * 63, "2026-11-24-a",
+                                  "Run_1", "My-Run", "r_1", "x" * 64, "run-", "-run", ".run", "run.", "run\n"])
+def test_storage_takes_the_run_names_train_takes(name, tmp_path):
+    """One rule: a name `train` refuses (it names Kubernetes objects too) is no run in storage either."""
+    try:
+        config.Config(run_name=name).validate()
+        train_takes = True
+    except ConfigError:
+        train_takes = False
+    try:
+        storage.run_state(str(tmp_path), name)
+        storage_takes = True
+    except StorageError as error:
+        assert "invalid run name" in str(error)
+        storage_takes = False
+    assert storage_takes == train_takes, name
+    assert train_takes == (name in ("nightly", "r1", "run-1.2", "a", "x" * 63, "2026-11-24-a")), name
+
+
 def test_layout_helpers():
-    assert storage.run_uri("s3://b1b/p", "r-1.2_x") == "s3://b1b/p/runs/r-1.2_x"
+    assert storage.run_uri("s3://b1b/p", "r-1.2.x") == "s3://b1b/p/runs/r-1.2.x"
     assert storage.checkpoints_uri("s3://b1b/p/") == "s3://b1b/p/checkpoints"
     assert storage.checkpoints_uri("/data/out") == "/data/out/checkpoints"
 
@@ -82,7 +104,7 @@ def test_settings_defaults(aws_env):
     settings = storage.s3_settings()
     assert settings == storage.S3Settings(
         endpoint_url=None, region="us-east-1", addressing_style="auto", ca_bundle=None,
-        max_attempts=storage.DEFAULT_MAX_ATTEMPTS, retry_seconds=storage.DEFAULT_RETRY_SECONDS,
+        max_attempts=DEFAULT_MAX_ATTEMPTS, retry_seconds=DEFAULT_RETRY_SECONDS,
     )
     assert settings.display_endpoint == "AWS S3"
 
@@ -168,8 +190,8 @@ def _manifest(run, when, acc=None):
     (_manifest("b", "1", 0.99), _manifest("a", "2", 0.5), "test_accuracy", False, "latest run 'a' is newer"),
 ])
 def test_decisions(new, current, gate, promoted, reason):
-    latest = storage._Latest(tag=None) if current is None else storage._Latest("t", current["run"], current)
-    decision = storage._decide(new["run"], new, storage.parse_gate(gate) if gate else None, latest)
+    latest = Latest(tag=None) if current is None else Latest("t", current["run"], current)
+    decision = decide(new["run"], new, storage.parse_gate(gate) if gate else None, latest)
     assert decision["promoted"] is promoted
     assert reason in decision["reason"]
     assert decision["latest_run"] == (current or {}).get("run")
