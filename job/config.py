@@ -25,7 +25,9 @@ from job.storage.layout import RUN_NAME_RULE, is_run_name  # and so has the rule
 # live in job.models (TensorFlow); this table is here so the driver can use it without TensorFlow.
 MODEL_DEFAULTS = {"alexnet": ((224, 224, 3), 1000), "alexnet-mnist": ((28, 28, 1), 10)}
 MODELS = tuple(MODEL_DEFAULTS)
-DATASETS = ("mnist", "synthetic", "imagefolder", "tfrecord")
+FILE_DATASETS = ("imagefolder", "tfrecord")  # read as files by each worker (job.data.sources)
+DATASETS = ("mnist", "synthetic", *FILE_DATASETS)
+SEED_RANGE = (0, 2**32 - 1)  # NumPy's seeds
 BAD_IMAGES = ("skip", "fail")
 MIXED_PRECISION = ("auto", "off", "bf16", "fp16")
 LR_DECAYS = ("none", "cosine")
@@ -117,6 +119,10 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def model_input_shape(self) -> tuple:
+        """The network's input (H, W, C): input_shape, or the model's own."""
+        return tuple(self.input_shape or MODEL_DEFAULTS[self.model][0])
+
     def validate(self) -> "Config":
         """Raise ConfigError for the first impossible setting; fill derived defaults."""
         if self.model not in MODELS:
@@ -125,7 +131,7 @@ class Config:
             raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
         if self.bad_images not in BAD_IMAGES:
             raise ConfigError(f"bad_images must be one of {', '.join(BAD_IMAGES)}, not {self.bad_images!r}")
-        if self.dataset in ("imagefolder", "tfrecord"):
+        if self.dataset in FILE_DATASETS:
             if not self.data:
                 raise ConfigError(f"dataset {self.dataset} needs --data: the dataset's folder, local or s3://")
             for name in ("train_limit", "test_limit"):
@@ -148,8 +154,8 @@ class Config:
                 _require_positive(name, getattr(self, name))
         if self.gpus_per_worker < 0:
             raise ConfigError(f"gpus_per_worker must be 0 or more, not {self.gpus_per_worker}")
-        if not 0 <= self.seed < 2**32:  # NumPy's seeds; the chart's schema says the same
-            raise ConfigError(f"seed must be a whole number from 0 to {2**32 - 1}, not {self.seed}")
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ConfigError(f"seed must be a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}, not {self.seed}")
         if self.max_failures < -1:
             raise ConfigError(f"max_failures must be -1 (unlimited) or more, not {self.max_failures}")
         if self.learning_rate <= 0:

@@ -95,7 +95,7 @@ def train(config, context, loop_config: dict) -> None:
 
     # Data: this worker's share of what the driver loaded (arrays) or listed (image files).
     splits = ray.get(loop_config["data"])
-    input_shape = model_input_shape(config)
+    input_shape = config.model_input_shape()
     steps_per_epoch = config.steps_per_epoch or splits.counts["train"] // config.batch_size
     validation_steps = splits.counts["validation"] // config.batch_size
     skipped_before = frozenset(bad["image"] for bad in records.bad_images(config)["images"]) if resume else frozenset()
@@ -195,11 +195,6 @@ def restore(model, state: dict) -> None:
         raise RuntimeError(f"checkpoint has {len(state['optimizer'])} optimizer variables, model {len(variables)}")
     for variable, value in zip(variables, state["optimizer"]):
         variable.assign(value)
-
-
-def model_input_shape(config) -> tuple:
-    from job.config import MODEL_DEFAULTS
-    return tuple(config.input_shape or MODEL_DEFAULTS[config.model][0])
 
 
 def learning_rate_schedule(config, replicas: int, steps_per_epoch: int, keras):
@@ -400,7 +395,7 @@ def write_run(staging, config, splits, settings, trained, reporter, replicas, st
 
     # A plain copy of the trained weights, outside the strategy: evaluating and saving it needs
     # no collective with the other workers, and it is exactly what users will load.
-    model = models.build(config.model, model_input_shape(config), len(splits.class_names))
+    model = models.build(config.model, config.model_input_shape(), len(splits.class_names))
     model.set_weights(trained.get_weights())
     # Saved uncompiled: an inference artifact without optimizer state (that lives in the
     # checkpoints), so loading it warns about nothing and it is a third of Adam's size.

@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from job.config import FILE_DATASETS
 from job.errors import DataError
 
 
@@ -112,9 +113,6 @@ class InputSettings:
     # Images an earlier attempt of the run skipped as bad, as on_bad named them: a resumed
     # stream passes them without counting them, as the uninterrupted one dropped them.
     skipped_before: frozenset = frozenset()
-
-
-FILE_DATASETS = ("imagefolder", "tfrecord")
 
 
 def load(config) -> Splits | FileSplits:

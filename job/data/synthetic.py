@@ -10,7 +10,7 @@ from job.data import fingerprint
 
 def load(config):
     """((train_x, train_y), (test_x, test_y), description, fingerprint) shaped for the model."""
-    shape = tuple(config.input_shape or MODEL_DEFAULTS[config.model][0])
+    shape = config.model_input_shape()
     classes = num_classes(config)
     rng = np.random.default_rng(config.seed)
 

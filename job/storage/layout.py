@@ -25,7 +25,7 @@ LATEST = "latest.json"  # at the output root: names the newest complete run
 
 # A run's name is a DNS label: a scheduled RayJob names its run after itself, and the chart's
 # release names its run, so one name must suit both. `train` (job.config) and storage check this
-# rule; the chart's values.schema.json spells it again (tests/chart/test_values.py compares them).
+# rule; scripts/chart-docs copies it into the chart's values.schema.json.
 RUN_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?")
 RUN_NAME_RULE = "lowercase letters, digits, '-' and '.', at most 63 characters, starting and ending with a letter or digit"
 

@@ -15,13 +15,13 @@ def test_an_attempt_resumed_after_the_last_epoch_still_publishes(tmp_path, capsy
                                        "output": str(tmp_path), "run_name": "late"}, environ={})
     config.output = storage.parse_location(config.output).uri
     splits = data.load(config)
-    model = models.build(config.model, worker.model_input_shape(config), len(splits.class_names))
+    model = models.build(config.model, config.model_input_shape(), len(splits.class_names))
     history = [{"epoch": 1, "loss": 2.3, "accuracy": 0.1, "images_per_second": 100.0, "seconds": 1.0}]
     staging = tmp_path / "staging"
     staging.mkdir()
     now = time.time()
     settings = data.InputSettings(global_batch=config.batch_size, steps_per_epoch=1, seed=0, augment=False,
-                                  input_shape=worker.model_input_shape(config), cpus=1, on_bad=None)
+                                  input_shape=config.model_input_shape(), cpus=1, on_bad=None)
     phases = []
     worker.write_run(str(staging), config, splits, settings, model,
                      SimpleNamespace(history=history, first_step_at=None, phase=phases.append, tracker=tracking.Tracker(None)), 2, 1, now - 60, now - 30)
