@@ -97,6 +97,10 @@ class Tracker:
         if not self.active:
             return None
         try:
+            # A restart that publishes again (finding the run complete) must not add a version.
+            found = self._call("GET", "model-versions/search", {"filter": f"name='{name}' and run_id='{self.run_id}'"})
+            if found.get("model_versions"):
+                return found["model_versions"][0]["version"]
             source = run_uri if "://" in run_uri else self._upload_model(Path(run_uri))
             try:
                 self._call("POST", "registered-models/create", {"name": name})

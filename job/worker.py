@@ -388,6 +388,7 @@ def write_run(staging, config, splits, settings, trained, reporter, replicas, st
         result = storage.finish_publish(config.output, config.run_name, promote_if_better=config.promote_if_better)
         print(result.message, flush=True)
         reporter.phase("published")
+        tell_tracker(reporter.tracker, config, result, storage.show_run(result.run_uri)["metrics"])
         return
     from job import models
 
@@ -445,9 +446,15 @@ def write_run(staging, config, splits, settings, trained, reporter, replicas, st
                                  **{k: metrics[k] for k in ("data", "packages", "started_at", "class_names", "model")}})
     reporter.phase("published")
     print(result.message, flush=True)
-    reporter.tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("test_")}, step=config.epochs)
-    reporter.tracker.set_tags({"alexnet-job.storage": result.run_uri})
-    if result.promoted and (version := reporter.tracker.register_model(tracking.model_name(config.model), result.run_uri)):
+    tell_tracker(reporter.tracker, config, result, {k: v for k, v in metrics.items() if k.startswith("test_")})
+
+
+def tell_tracker(tracker, config, result, test_metrics: dict) -> None:
+    """MLflow's part of a published run: its test metrics, where it is stored, and, if it became
+    `latest`, a model version (once per run, however many times a restart gets here)."""
+    tracker.log_metrics(test_metrics, step=config.epochs)
+    tracker.set_tags({"alexnet-job.storage": result.run_uri})
+    if result.promoted and (version := tracker.register_model(tracking.model_name(config.model), result.run_uri)):
         print(f"registered in MLflow as version {version} of model {tracking.model_name(config.model)}", flush=True)
 
 

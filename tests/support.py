@@ -26,6 +26,15 @@ def run_cli(*args, env=None, cwd=None, timeout=900):
                           env={**os.environ, **(env or {})}, cwd=cwd or ROOT, timeout=timeout)
 
 
+def kill_env(moment, rank, marker, node=False):
+    """Environment that arms tests/killpoints: the worker of `rank` kills itself (and with `node`
+    its raylet) the first time the run reaches `moment`, leaving the file `marker`."""
+    killpoints = ROOT / "tests" / "killpoints"
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(killpoints), os.environ.get("PYTHONPATH")])),
+            "ALEXNET_JOB_TEST_KILL": moment, "ALEXNET_JOB_TEST_KILL_RANK": str(rank),
+            "ALEXNET_JOB_TEST_KILL_MARKER": str(marker), "ALEXNET_JOB_TEST_KILL_NODE": "1" if node else "0"}
+
+
 def error_line(result, *fragments):
     """The one line a user mistake prints through the CLI (exit 2, no traceback); checks that it
     holds every fragment and returns it."""

@@ -13,10 +13,9 @@ import sys
 
 import pytest
 
-from support import FLOAT32, ROOT, TUTORIAL_RECIPE, run_cli
+from support import FLOAT32, ROOT, TUTORIAL_RECIPE, kill_env, run_cli
 
 pytestmark = pytest.mark.integration
-KILLPOINTS = ROOT / "tests" / "killpoints"
 # (moment, rank): the chief's own moments kill rank 0, the others the worker of rank 1.
 MOMENTS = [
     ("group-start", 1),  # Ray 2.60 ended the run here ("The actor is dead ...") with failures left
@@ -30,12 +29,6 @@ MOMENTS = [
     ("export", 0),
     ("publish", 0),
 ]
-
-
-def kill_env(moment, rank, marker, node=False):
-    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(KILLPOINTS), os.environ.get("PYTHONPATH")])),
-            "ALEXNET_JOB_TEST_KILL": moment, "ALEXNET_JOB_TEST_KILL_RANK": str(rank),
-            "ALEXNET_JOB_TEST_KILL_MARKER": str(marker), "ALEXNET_JOB_TEST_KILL_NODE": "1" if node else "0"}
 
 
 def kill_marker(output, moment, rank):

@@ -99,7 +99,9 @@ def _patch_worker(module):
             def progress(key, done, total):
                 if done == 1:
                     die_here("publish")
-            return publish(*p_args, **p_kwargs, progress=progress)
+            result = publish(*p_args, **p_kwargs, progress=progress)
+            die_here("published")  # the run complete and latest.json moved, MLflow not told yet
+            return result
 
         job.storage.publish = publish_killed_after_one_file
         try:
@@ -145,7 +147,7 @@ PATCHES = {
     "ray.train.v2._internal.execution.storage": _patch_ray_storage,
 }
 KILL_POINTS = ("group-start", "tensorflow-import", "before-first-all-reduce", "mid-epoch", "validation",
-               "checkpoint-upload", "final-evaluation", "export", "publish")
+               "checkpoint-upload", "final-evaluation", "export", "publish", "published")
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
