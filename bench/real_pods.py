@@ -27,7 +27,7 @@ import yaml
 from common import MNIST, ROOT, run_train, table
 
 sys.path[:0] = [str(ROOT / "tests" / "e2e"), str(ROOT / "tests")]
-from realpods import MODELS, VALUES, bridge_s3, read_json  # noqa: E402
+from realpods import VALUES, bridge_s3, read_json  # noqa: E402
 from image import DOCKER_CLIENT  # noqa: E402
 from session import start_e2e  # noqa: E402
 
