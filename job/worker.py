@@ -121,7 +121,7 @@ def train(config, context, loop_config: dict) -> None:
             restore(model, resume)
 
     # Train from where the run stands; a callback reports and checkpoints to Ray Train.
-    staging = tempfile.mkdtemp(prefix=f"{config.run_name}-")
+    staging = tempfile.mkdtemp(prefix=f"{config.run_name}-") if is_chief else None  # the chief publishes
     reporter = EpochReporter(config, steps_per_epoch, loop_config["started_at"], is_chief, resume, watchdog,
                              progress_bar=loop_config.get("progress_bar", False),
                              tracker=tracking.Tracker(config.mlflow_tracking_uri if is_chief else None,

@@ -253,9 +253,10 @@ class S3Server:
         if self._log:
             self._log.close()
             self._log = None
-        # gRPC sockets the server names after its own ports; normally it removes them itself.
+        # gRPC sockets the server names after its own ports, in /tmp whatever TMPDIR says (seen);
+        # normally it removes them itself, not when it could not start.
         for port in self.ports.values():
-            for leftover in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
+            for leftover in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
                 leftover.unlink(missing_ok=True)
 
     def restart(self) -> None:
