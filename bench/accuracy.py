@@ -10,7 +10,6 @@ Usage: uv run python bench/accuracy.py
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 import time
@@ -18,12 +17,8 @@ from pathlib import Path
 
 from common import ROOT, table
 
-
-def readme_command() -> list[str]:
-    readme = (ROOT / "README.md").read_text()
-    setup = readme[readme.index("## Set-up: two commands"):]
-    return shlex.split(next(line for line in setup.splitlines() if line.startswith("uv run alexnet-job train")),
-                       comments=True)
+sys.path.insert(0, str(ROOT / "tests"))
+from support import readme_train_command  # noqa: E402
 
 
 def ours(command: list[str]) -> tuple[dict, float, str]:
@@ -48,7 +43,7 @@ def tutorial() -> dict:
 
 
 def main() -> None:
-    command = readme_command()
+    command = readme_train_command()
     metrics, ours_seconds, printed = ours(command)
     reference = tutorial()
     print(f"\n2b) full MNIST: the README's command ({' '.join(command)}) vs the tutorial's script")

@@ -20,6 +20,15 @@ TUTORIAL_RECIPE = ["--batch-size", "64", "--learning-rate", "0.001", "--warmup-e
 FLOAT32 = ["--mixed-precision", "off"]
 
 
+def readme_train_command() -> list[str]:
+    """The README set-up's first command, as it is written there (tests/integration/test_default_run.py
+    runs it, bench/accuracy.py measures it)."""
+    import shlex
+    setup = (ROOT / "README.md").read_text().split("## Set-up: two commands", 1)[1]
+    return shlex.split(next(line for line in setup.splitlines() if line.startswith("uv run alexnet-job train")),
+                       comments=True)
+
+
 def run_cli(*args, env=None, cwd=None, timeout=900):
     """Run the real `alexnet-job` command line in a fresh process."""
     return subprocess.run([sys.executable, "-m", "job.cli", *map(str, args)], capture_output=True, text=True,

@@ -13,7 +13,6 @@ import json
 import os
 import pty
 import re
-import shlex
 import shutil
 import struct
 import subprocess
@@ -23,7 +22,7 @@ import time
 
 import pytest
 
-from support import ROOT, run_cli
+from support import ROOT, readme_train_command, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -40,16 +39,8 @@ EXPECTED = [
 ]
 
 
-def readme_command() -> list[str]:
-    """The set-up's first command, as the README writes it."""
-    readme = (ROOT / "README.md").read_text()
-    setup = readme[readme.index("## Set-up: two commands"):]
-    line = next(line for line in setup.splitlines() if line.startswith("uv run alexnet-job train"))
-    return shlex.split(line, comments=True)
-
-
 def test_the_readme_command_is_the_default_recipe():
-    assert readme_command() == ["uv", "run", "alexnet-job", "train", "--data", "../shared/datasets/mnist"]
+    assert readme_train_command() == ["uv", "run", "alexnet-job", "train", "--data", "../shared/datasets/mnist"]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +48,7 @@ def quiet_run(tmp_path_factory, mnist_dir):
     if not shutil.which("uv"):
         pytest.fail("uv is not on PATH: the README's command needs it (python3 -m pip install uv)")
     output = tmp_path_factory.mktemp("default")
-    command = readme_command() + SMALLER + ["--output", str(output), "--run-name", "quiet"]
+    command = readme_train_command() + SMALLER + ["--output", str(output), "--run-name", "quiet"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # While it trains, `runs list` shows it in progress (from the chief's progress record).
     in_progress, deadline = None, time.time() + 300
