@@ -88,7 +88,8 @@ def test_the_driver_and_each_worker_log_are_saved_with_the_run(quiet_run):
     logs = quiet_run["output"] / "checkpoints" / "quiet" / "logs"
     (driver,) = logs.glob("driver-*.log")
     assert driver.read_text() == quiet_run["stdout"]  # what the command printed, nothing else
-    workers = sorted(logs.glob("worker-*-rank-*.log"))
+    # Named worker-<start>-rank-<rank>: the two ranks may start in different seconds, either first.
+    workers = sorted(logs.glob("worker-*-rank-*.log"), key=lambda w: int(w.stem.rsplit("-", 1)[1]))
     assert [w.read_text().splitlines()[0].split(", pid")[0] for w in workers] == [
         "rank 0 of 2 on node 127.0.0.1", "rank 1 of 2 on node 127.0.0.1"]
     assert "epoch 2/2  loss" in workers[0].read_text() and "epoch 2/2" not in workers[1].read_text()
