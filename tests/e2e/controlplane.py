@@ -352,8 +352,15 @@ class ControlPlane:
         }]
         config_file = self.workdir / "kwok.yaml"
         # KWOK's own default stages (nodes Ready, pods Running, Job pods Succeeded), then ours.
-        stages = (self.bin_dir / "kwok-stages.yaml").read_text()
-        config_file.write_text(stages + "\n---\n" + yaml.safe_dump_all(config))
+        stages = [stage for stage in yaml.safe_load_all((self.bin_dir / "kwok-stages.yaml").read_text()) if stage]
+        (pod_complete,) = [stage for stage in stages if stage["metadata"]["name"] == "pod-complete"]
+        # Except the RayJob's submitter: a real `ray job submit` follows the Ray job and runs as
+        # long as it does. Had it Succeeded at once, KubeRay would fail the RayJob 30 s later
+        # (submitter done, no Ray job found) and retry it on a new cluster every 30 s, so its
+        # pods would come and go under the tests.
+        pod_complete["spec"]["selector"]["matchExpressions"].append(
+            {"key": ".spec.containers.[].name", "operator": "NotIn", "values": ["ray-job-submitter"]})
+        config_file.write_text(yaml.safe_dump_all(stages + config))
         self.spawn("kwok", [
             "kwok", f"--kubeconfig={self.workdir / 'kwok.kubeconfig'}", f"--config={config_file}",
             "--manage-nodes-with-label-selector=type=kwok",

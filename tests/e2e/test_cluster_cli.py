@@ -147,6 +147,10 @@ def test_logs_come_from_the_driver_pod_through_the_loopback_kubelet(e2e, ns):
                timeout=60)
     result = e2e.cli("logs", "alexnet-train-a", "-n", NS)
     assert "epoch 1/1 loss 2.30 accuracy 0.11" in result.stdout, result.stderr
+    # Still the first try: the simulated submitter runs as long as a real one would (see
+    # ControlPlane._start_kwok), so KubeRay does not retry the RayJob under the test.
+    assert custom(e2e).get_namespaced_custom_object("ray.io", "v1", NS, "rayjobs", "alexnet-train-a")[
+        "status"].get("failed", 0) == 0
     as_json = json.loads(e2e.cli("logs", "alexnet-train-a", "-n", NS, "--output", "json").stdout)
     assert "epoch 1/1 loss 2.30 accuracy 0.11" in as_json["lines"]
 
