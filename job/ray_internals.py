@@ -10,7 +10,9 @@ moves or changes one fails there, loudly, rather than in a user's run:
 - two methods of the trainer that fit() calls: where the controller is made (to hand it our
   policy) and where the driver first sees it (to abort it at the deadline);
 - how Ray's state export names a TensorFlow backend (job/tf_config.py);
-- the logger Ray Train's worker-side report line comes from (job/worker.py silences it).
+- the logger Ray Train's worker-side report line comes from (job/worker.py silences it);
+- the errors Ray Train's health check reports for a worker whose process is gone or hangs
+  (job/train.py names such a worker first when a group fails).
 
 Imports are inside the functions: the driver and the controller import Ray lazily.
 """
@@ -48,3 +50,10 @@ def worker_report_logger():
     """The logger of Ray Train's per-report INFO line on each worker (named after its file)."""
     from ray.train.v2._internal.execution import context
     return context.logger
+
+
+def worker_lost_errors() -> tuple[type, ...]:
+    """What Ray Train's health check puts in a worker group's failures for a worker whose
+    process died or stopped answering (not an error its training code raised)."""
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError
+    return WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError

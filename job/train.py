@@ -381,10 +381,14 @@ def abandoned_group_release():
 
 
 def failure_reasons(error) -> str:
-    """One line per lost or failed worker (a Ray Train TrainingFailedError), joined by '; '."""
+    """One line per lost or failed worker (a Ray Train TrainingFailedError), joined by '; '.
+    Workers whose process was lost come first: the others' errors (a collective aborted, say)
+    are usually what losing it did to them."""
     from ray.train import ControllerError, WorkerGroupError
     if isinstance(error, WorkerGroupError):
+        lost = ray_internals.worker_lost_errors()
+        failures = sorted(error.worker_failures.items(), key=lambda item: (not isinstance(item[1], lost), item[0]))
         return "; ".join(f"rank {rank}: {_last_line(failure)}" if rank != STARTING else
                          f"while the worker group started: {_last_line(failure)}"
-                         for rank, failure in sorted(error.worker_failures.items()))
+                         for rank, failure in failures)
     return _last_line(error.controller_failure if isinstance(error, ControllerError) else error)

@@ -49,3 +49,18 @@ def test_the_tensorflow_framework_and_the_report_logger_exist():
     import logging
     assert str(ray_internals.tensorflow_framework().value).lower() == "tensorflow"
     assert isinstance(ray_internals.worker_report_logger(), logging.Logger)
+
+
+def test_the_health_check_errors_of_a_lost_worker_exist():
+    from ray.exceptions import ActorDiedError
+    from ray.train import WorkerGroupError
+
+    from job import train
+    failed, timed_out = ray_internals.worker_lost_errors()
+    assert issubclass(failed, Exception) and issubclass(timed_out, Exception)
+    # What a group whose rank 1 died reports: rank 0's collective failed because of it.
+    group = WorkerGroupError("", {0: RuntimeError("Traceback ...\nUnavailableError: Collective ops is aborted"),
+                                  1: failed("The actor is dead because its worker process has died.", ActorDiedError())})
+    reasons = train.failure_reasons(group)
+    assert reasons.startswith("rank 1: WorkerHealthCheckFailedError: ") and reasons.count("; ") == 1, reasons
+    assert reasons.endswith("; rank 0: UnavailableError: Collective ops is aborted"), reasons
