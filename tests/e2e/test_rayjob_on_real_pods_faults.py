@@ -73,13 +73,16 @@ def evicted(e2e, tmp_path_factory, mnist_dir):
             gone_after = time.time() - evicted_at
             waited = e2e.cli("wait", rayjob, "-n", ns, timeout=900)
             logs = e2e.cli("logs", rayjob, "-n", ns)
-            yield {"s3": s3, "rayjob": rayjob, "victim": victim, "gone_after": gone_after,
-                   "wait": waited, "logs": logs.stdout, "ns": ns}
+            workers = {p.metadata.name for p in core.list_namespaced_pod(ns, label_selector="ray.io/node-type=worker").items}
         finally:
+            # Now, not when the module ends: until its TTL runs out, the finished job's cluster
+            # would hold the CPUs the next test's pods wait for (5 minutes of a CI run).
             e2e.cli("cancel", rayjob, "-n", ns)
+        yield {"s3": s3, "rayjob": rayjob, "victim": victim, "gone_after": gone_after,
+               "wait": waited, "logs": logs.stdout, "workers": workers}
 
 
-def test_an_evicted_worker_pod_checkpoints_first_and_the_run_resumes_from_there(e2e, evicted):
+def test_an_evicted_worker_pod_checkpoints_first_and_the_run_resumes_from_there(evicted):
     assert evicted["wait"].returncode == 0, evicted["wait"].stdout[-2000:] + evicted["logs"][-4000:]
     notice = re.search(r"preemption notice: checkpoint saved at epoch (\d+) step (\d+)", evicted["logs"])
     assert notice, evicted["logs"][-4000:]
@@ -92,10 +95,8 @@ def test_an_evicted_worker_pod_checkpoints_first_and_the_run_resumes_from_there(
     # The pod went once that checkpoint was saved, well before its 40 s grace period ran out.
     assert evicted["gone_after"] < 30, evicted["gone_after"]
     assert [r["epoch"] for r in metrics["history"]] == [1, 2, 3]
-    from kubernetes import client
-    workers = client.CoreV1Api(e2e.api()).list_namespaced_pod(evicted["ns"], label_selector="ray.io/node-type=worker").items
-    names = {p.metadata.name for p in workers}
-    assert evicted["victim"] not in names and len(names) == 2, names   # KubeRay replaced the evicted pod
+    workers = evicted["workers"]  # as the job ended
+    assert evicted["victim"] not in workers and len(workers) == 2, workers   # KubeRay replaced the evicted pod
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +120,10 @@ def lost_try(e2e, tmp_path_factory, mnist_dir):
             core.delete_namespaced_pod(submitter.metadata.name, ns)
             waited = e2e.cli("wait", rayjob, "-n", ns, timeout=900)
             status = custom.get_namespaced_custom_object("ray.io", "v1", ns, "rayjobs", rayjob)["status"]
-            yield {"s3": s3, "rayjob": rayjob, "saved": saved, "first_cluster": first_cluster, "status": status,
-                   "wait": waited}
         finally:
             e2e.cli("cancel", rayjob, "-n", ns)
+        yield {"s3": s3, "rayjob": rayjob, "saved": saved, "first_cluster": first_cluster, "status": status,
+               "wait": waited}
 
 
 def test_a_lost_rayjob_try_is_retried_on_a_new_cluster_that_resumes_the_run(e2e, lost_try):
